@@ -1,0 +1,1 @@
+"""Deployment targets: ONNX file, ONNX Runtime (latency), TensorRT engine."""

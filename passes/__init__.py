@@ -1,0 +1,1 @@
+"""Graph rewrite passes (installed as ``lrcompile.passes``)."""

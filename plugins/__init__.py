@@ -1,0 +1,1 @@
+"""TensorRT plugin sources, one folder per plugin (installed as ``lrcompile.plugins``)."""
