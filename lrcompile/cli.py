@@ -1,0 +1,179 @@
+"""The ``lrcompile`` command line.
+
+``lrcompile MODEL [options]`` compiles (the ``compile`` command is the default);
+``lrcompile inspect MODEL`` shows candidates without writing anything.
+User errors print one line and exit non-zero; every compile ends with PASSED or FAILED.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import LrcError
+
+log = logging.getLogger("lrcompile")
+
+
+class DefaultGroup(click.Group):
+    """A group whose first argument, when not a command name, goes to ``compile``."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["compile", *args]
+        return super().parse_args(ctx, args)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    for noisy in ("onnx_graphsurgeon", "polygraphy"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _run(fn):
+    """Run ``fn`` mapping user errors to one line on stderr and their exit code."""
+    try:
+        return fn()
+    except LrcError as e:
+        click.echo(f"lrcompile: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("lrcompile: interrupted", err=True)
+        sys.exit(130)
+
+
+def _parse_dims(values: tuple[str, ...]) -> dict:
+    dims = {}
+    for v in values:
+        name, sep, num = v.partition("=")
+        if not sep or not num.isdigit():
+            raise LrcError(f"--dim {v!r}: expected NAME=INT (e.g. --dim batch=4 --dim sequence=128)")
+        dims[name] = int(num)
+    return dims
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lrcompile")
+def main() -> None:
+    """lrcompile: factorize the constant weights of an ONNX model, verify it, and build it.
+
+    \b
+    lrcompile model.onnx --target trt --ratio 0.5      compile (default command)
+    lrcompile inspect model.onnx                      candidates and spectra, writes nothing
+    """
+
+
+@main.command("compile")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output .onnx (default: MODEL.lr.onnx).")
+@click.option("--target", type=click.Choice(["onnx", "ort", "trt"]), default="onnx", show_default=True,
+              help="onnx: write the model; ort: also ORT latency + optimized model; trt: also a TensorRT engine.")
+@click.option("--rank", type=int, help="Fixed rank for every layer.")
+@click.option("--ratio", type=float, help="Keep about this fraction of each weight's parameters (default 0.5).")
+@click.option("--energy", type=float, help="Smallest rank keeping this fraction of spectral energy.")
+@click.option("--max-error", type=float, help="Smallest rank with relative error at most this.")
+@click.option("--multiple", type=int, default=8, show_default=True, help="Round ranks to this multiple.")
+@click.option("--method", default="svd", show_default=True, help="Factorization method.")
+@click.option("--solver", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True)
+@click.option("--only", help="Comma-separated op types to consider (MatMul,Gemm,Conv,Gather).")
+@click.option("--exclude", multiple=True, help="Regex on node names to leave intact (repeatable).")
+@click.option("--include", multiple=True, help="Regex on node names to consider (repeatable).")
+@click.option("--min-params", type=int, default=4096, show_default=True, help="Leave smaller weights intact.")
+@click.option("--keep-unprofitable", is_flag=True, help="Factorize even when the rank saves nothing.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime comparison.")
+@click.option("--tolerance", type=float, help="Fail if any output's relative L2 error exceeds this.")
+@click.option("--min-cosine", type=float, help="Fail if any output's cosine falls below this.")
+@click.option("--inputs", type=click.Path(path_type=Path), help="Verification inputs: .npz or Polygraphy JSON.")
+@click.option("--dim", "dims", multiple=True, help="Dynamic dimension value NAME=INT (repeatable).")
+@click.option("--external-data/--no-external-data", default=None, help="Force external data on/off.")
+@click.option("--fp16", is_flag=True, help="trt: convert the ONNX to fp16 before building.")
+@click.option("--sparse-weights", is_flag=True, help="trt: allow TensorRT sparse (2:4) weight kernels.")
+@click.option("--shapes", help="trt: input shapes, e.g. 'ids:[1,16],[4,128],[8,128]' (min,opt,max).")
+@click.option("--report", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="Replay the options of a JSON report.")
+@click.option("-v", "--verbose", count=True)
+@click.option("-q", "--quiet", is_flag=True)
+def compile_cmd(model, output, report, config_file, verbose, quiet, no_verify, dims, only, exclude, include, **kw):
+    """Compile MODEL: factorize, rewrite, verify, and write/build the target."""
+    _setup_logging(verbose, quiet)
+
+    def go():
+        from .config import CompileConfig
+        from .pipeline import compile_model
+        from .report import layers_table, to_json, verification_table
+
+        if config_file:
+            try:
+                data = json.loads(Path(config_file).read_text())
+            except (OSError, ValueError) as e:
+                raise LrcError(f"--config {config_file}: not a readable JSON report ({e})") from None
+            cfg = CompileConfig.from_dict(data.get("config", data))
+        else:
+            cfg = CompileConfig(
+                **kw, verify=not no_verify, dims=_parse_dims(dims),
+                only=tuple(s.strip() for s in only.split(",")) if only else None,
+                exclude=tuple(exclude), include=tuple(include),
+            )
+        if report is not None and Path(report).suffix != ".json":
+            raise LrcError(f"--report {report}: use a .json path")
+        try:
+            res = compile_model(model, output, cfg, progress=not quiet)
+        except LrcError:
+            raise
+        if not quiet:
+            click.echo(layers_table(res.layers))
+            tot = res.report["totals"]
+            click.echo(f"\n{tot['factorized']} factorized, {tot['declined']} declined; "
+                       f"params in factorized layers {tot['params_before']:,} -> {tot['params_after']:,}"
+                       + (f" ({tot['params_ratio']:.1%})" if tot["params_ratio"] is not None else ""))
+            if res.verification:
+                src = res.feeds["source"]
+                click.echo(f"\nverification on {src} inputs ({res.feeds['distribution'] or ''}):")
+                click.echo(verification_table(res.verification))
+            lat = res.target.get("latency")
+            if lat:
+                click.echo(f"\nORT latency ({', '.join(lat['providers'])}): original {lat['original']['median_ms']:.3f} ms, "
+                           f"compressed {lat['compressed']['median_ms']:.3f} ms (median of {lat['repeats']}, "
+                           f"interleaved); speedup x{lat['speedup']:.2f}")
+            eng = res.target.get("engine")
+            if eng:
+                click.echo(f"\nTensorRT engine ({eng.get('backend')} {eng.get('version')}): {eng['path']} "
+                           f"({eng.get('engine_bytes', 0):,} bytes)")
+            for f in res.files:
+                click.echo(f"wrote {f}")
+        if report is not None:
+            Path(report).write_text(to_json(res.report))
+        click.echo(res.status)
+        return res
+
+    _run(go)
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--ratio", type=float, default=0.5, show_default=True, help="Show the rank and error at this ratio.")
+@click.option("--min-params", type=int, default=4096, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("-v", "--verbose", count=True)
+@click.option("-q", "--quiet", is_flag=True)
+def inspect_cmd(model, ratio, min_params, as_json, verbose, quiet):
+    """Show candidates, a singular-value summary per layer, and what would be declined and why."""
+    _setup_logging(verbose, quiet)
+
+    def go():
+        from .inspect import inspect_model, inspect_table
+        from .report import to_json
+
+        rows = inspect_model(model, ratio=ratio, min_params=min_params, progress=not quiet and not as_json)
+        click.echo(to_json(rows) if as_json else inspect_table(rows))
+
+    _run(go)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,163 @@
+"""Loading and saving ONNX models: validation with one-line errors, external data, atomic writes.
+
+Loading never modifies the input file. Saving is atomic (everything is written into a temporary
+folder beside the destination and moved into place only once complete) and deterministic
+(protobuf's deterministic serialization, stable external-data layout).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+from .errors import LrcError
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 11
+MAX_OPSET = 23
+#: Above this many bytes of tensors a model is saved with external data (protobuf's limit is 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(model)
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
+    """Check that every external-data reference stays inside ``base_dir`` and exists.
+
+    Returns the referenced files. Raises LrcError on a path that escapes or is missing.
+    """
+    files: list[Path] = []
+    root = base_dir.resolve()
+    for t in _all_tensors(model):
+        if not uses_external_data(t):
+            continue
+        loc = ExternalDataInfo(t).location
+        p = Path(loc)
+        target = (root / p).resolve()
+        if p.is_absolute() or root not in target.parents and target != root:
+            raise LrcError(
+                f"tensor {t.name!r} points to external data {loc!r} outside the model's folder; "
+                "external data must sit beside the model (re-save it with a relative location)"
+            )
+        if not target.is_file():
+            raise LrcError(
+                f"external data file {loc!r} for tensor {t.name!r} is missing; "
+                f"copy it next to the model into {root}"
+            )
+        if target not in files:
+            files.append(target)
+    return files
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    raise LrcError("the model imports no default ONNX opset; re-export it with opset 11 to 23")
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load and validate an ONNX model, with its external data.
+
+    Raises:
+        LrcError: for a missing, garbage or truncated file, bad external data or an
+            unsupported opset.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise LrcError(f"{p}: no such file; pass the path of an .onnx model")
+    if p.is_dir():
+        raise LrcError(f"{p} is a folder; pass the path of an .onnx model file")
+    if p.stat().st_size == 0:
+        raise LrcError(f"{p} is empty; re-export the model")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as e:
+        raise LrcError(
+            f"{p} is not a readable ONNX model ({type(e).__name__}); the file may be truncated or not ONNX: re-export it"
+        ) from None
+    if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
+        raise LrcError(f"{p} holds no ONNX graph; the file may be truncated or not ONNX: re-export it")
+    opset = opset_of(model)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise LrcError(
+            f"{p} uses opset {opset}; lrcompile supports opsets {MIN_OPSET} to {MAX_OPSET}: "
+            "re-export the model or convert it with onnx.version_converter"
+        )
+    check_external_data(model, p.parent)
+    try:
+        onnx.load_external_data_for_model(model, str(p.parent))
+    except (OSError, ValueError) as e:
+        raise LrcError(f"{p}: cannot read its external data ({e}); check the files beside the model") from None
+    return model
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in _all_tensors(model) if t.HasField("raw_data"))
+
+
+@contextmanager
+def atomic_output(dest: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dest``; on success the caller moves files from it.
+
+    The folder is removed whatever happens, so no partial output is left behind.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_model(model: onnx.ModelProto, path: Path, *, external_data: bool | None = None) -> list[Path]:
+    """Serialize ``model`` to ``path`` (a fresh path, typically inside an atomic_output folder).
+
+    With external data (forced, or automatic past ~1.8 GB of tensors) all tensors over 1 KiB go to
+    ``<name>.data`` beside the file. Returns the files written. ``model`` is modified in place
+    when external data is used (its tensors then point to the data file), so pass a copy you own.
+    """
+    use_ext = external_data if external_data is not None else tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if not use_ext:
+        path.write_bytes(model.SerializeToString(deterministic=True))
+        return [path]
+    data_name = path.name + ".data"
+    onnx.external_data_helper.convert_model_to_external_data(
+        model, all_tensors_to_one_file=True, location=data_name, size_threshold=1024, convert_attribute=True
+    )
+    onnx.external_data_helper.write_external_data_tensors(model, str(path.parent))
+    path.write_bytes(model.SerializeToString(deterministic=True))
+    return [path, path.parent / data_name]
+
+
+def commit(files: list[Path], dest_dir: Path) -> list[Path]:
+    """Move files written in a temporary folder (under their final names) into ``dest_dir``.
+
+    Data files move first, the .onnx last, so a reader never sees a model without its data.
+    """
+    out = []
+    for f in sorted(files, key=lambda f: f.suffix == ".onnx"):
+        target = dest_dir / f.name
+        os.replace(f, target)
+        out.append(target)
+    return out
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False

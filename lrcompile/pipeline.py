@@ -1,0 +1,362 @@
+"""The compile pipeline. Data flows one way:
+
+    load -> find candidates -> factorize (numpy) -> rewrite -> clean up -> check -> verify -> save/build
+
+Nothing here prints: progress goes through tqdm (stderr) and the result comes back as a
+``CompileResult`` that the CLI renders.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import CompileConfig
+from .errors import LrcError, VerificationFailed
+from .factorize import Factorization, RankPolicy, break_even_rank, factorize
+from .io import atomic_output, commit, load_model, same_file, write_model
+from .ir import Candidate, ConstantResolver, Decline, RewriteContext, Namer, node_label
+from .report import LayerRecord, sha256, totals
+
+log = logging.getLogger(__name__)
+
+SUBGRAPH_OPS = ("If", "Loop", "Scan")
+
+
+@dataclass
+class Analysis:
+    """What the candidate search found in a model (``lrcompile inspect`` shows this)."""
+
+    graph: gs.Graph
+    candidates: list[Candidate]
+    declines: list[Decline]
+    folded: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompileResult:
+    config: CompileConfig
+    input: Path
+    output: Path | None
+    files: list[Path]
+    layers: list[LayerRecord]
+    verification: list[dict] | None
+    feeds: dict | None
+    target: dict
+    status: str
+    timings: dict
+    report: dict
+
+
+def _subgraph_nodes(graph: gs.Graph):
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            subs = attr if isinstance(attr, list) else [attr]
+            for sub in subs:
+                if isinstance(sub, gs.Graph):
+                    for inner in sub.nodes:
+                        yield node, inner
+                    yield from _subgraph_nodes(sub)
+
+
+def analyze(model: onnx.ModelProto, config: CompileConfig) -> Analysis:
+    """Import the model and sort its nodes into candidates and declines (reasons as values)."""
+    from lrcompile.passes import BY_OP
+
+    graph = gs.import_onnx(model)
+    consts = ConstantResolver(graph)
+    cands: list[Candidate] = []
+    declines: list[Decline] = []
+    for node in list(graph.nodes):
+        p = BY_OP.get(node.op)
+        if p is None or node.domain not in (None, "", "ai.onnx"):
+            continue
+        label = node_label(node)
+        if config.only is not None and node.op not in config.only:
+            declines.append(Decline(node, p.name, f"op not selected (--only {','.join(config.only)})"))
+            continue
+        hit = next((pat for pat in config.exclude if re.search(pat, label)), None)
+        if hit:
+            declines.append(Decline(node, p.name, f"excluded by --exclude {hit!r}"))
+            continue
+        if config.include and not any(re.search(pat, label) for pat in config.include):
+            declines.append(Decline(node, p.name, "name not matched by --include"))
+            continue
+        m = p.match(node, consts)
+        if m is None:
+            continue
+        if isinstance(m, Candidate) and m.params < config.min_params:
+            m = Decline(node, p.name, f"too small to matter ({m.params} params < --min-params {config.min_params})",
+                        m.shape)
+        (cands if isinstance(m, Candidate) else declines).append(m)
+    for parent, inner in _subgraph_nodes(graph):
+        if inner.op in BY_OP:
+            declines.append(Decline(inner, BY_OP[inner.op].name,
+                                    f"inside a {parent.op} body ({node_label(parent)}); subgraphs are not rewritten"))
+    return Analysis(graph, cands, declines, consts.folded)
+
+
+def _factorize_candidate(cand: Candidate, config: CompileConfig, policy: RankPolicy) -> list[Factorization]:
+    opts = {"solver": config.solver, "seed": config.seed}
+    facts = [factorize(m, policy, config.method, None, **opts) for m in cand.matrices]
+    r = max(f.rank for f in facts)
+    if any(f.rank != r for f in facts):  # groups share one rank: refit the others at it
+        fixed = RankPolicy(rank=r, multiple=1)
+        facts = [f if f.rank == r else factorize(m, fixed, config.method, None, **opts)
+                 for f, m in zip(facts, cand.matrices)]
+    return facts
+
+
+def _combined_error(cand: Candidate, facts: list[Factorization], attr: str) -> float:
+    num = sum((getattr(f, attr) * float(np.linalg.norm(m))) ** 2 for f, m in zip(facts, cand.matrices))
+    den = sum(float(np.linalg.norm(m)) ** 2 for m in cand.matrices)
+    return float(np.sqrt(num / den)) if den > 0 else 0.0
+
+
+def plan(analysis: Analysis, config: CompileConfig, *, progress: bool = False
+         ) -> tuple[list[LayerRecord], dict[str, list[Factorization]]]:
+    """Factorize each distinct weight once; decide per candidate; return records and factors by key."""
+    policy = config.policy()
+    records: list[LayerRecord] = []
+    by_key: dict[str, list[Factorization]] = {}
+    owner: dict[str, str] = {}
+    declined_keys: dict[str, str] = {}
+    for cand in tqdm(analysis.candidates, desc="factorize", unit="layer", disable=not progress, leave=False):
+        shape = list(cand.matrices[0].shape)
+        rec = LayerRecord(node=cand.label, op=cand.node.op, shape=shape, decision="factorized",
+                          weight=cand.weight_key, groups=len(cand.matrices),
+                          params_before=cand.params,
+                          break_even=round(break_even_rank(*cand.matrices[0].shape), 2))
+        key = cand.weight_key
+        if key in declined_keys:
+            rec.decision, rec.reason = "declined", declined_keys[key]
+            records.append(rec)
+            continue
+        if key in by_key:
+            facts = by_key[key]
+            rec.shared_with = owner[key]
+        else:
+            t0 = time.perf_counter()
+            facts = _factorize_candidate(cand, config, policy)
+            rec.seconds = round(time.perf_counter() - t0, 4)
+        f0 = facts[0]
+        rec.rank, rec.method = f0.rank, f0.method
+        rec.params_after = sum(f.params_after for f in facts)
+        rec.rel_error = _combined_error(cand, facts, "rel_error")
+        rec.objective_error = _combined_error(cand, facts, "objective_error")
+        rec.info = {k: v for k, v in f0.info.items() if isinstance(v, (int, float, str, bool))}
+        if not config.keep_unprofitable and not all(f.pays_off() for f in facts):
+            reason = (f"rank {f0.rank} >= break-even {break_even_rank(*f0.shape):.1f} "
+                      f"for [{f0.shape[0]} x {f0.shape[1]}]: saves nothing")
+            rec.decision, rec.reason = "declined", reason
+            declined_keys[key] = reason
+        elif key not in by_key:
+            by_key[key] = facts
+            owner[key] = cand.label
+        records.append(rec)
+    for d in analysis.declines:
+        records.append(LayerRecord(node=d.label, op=d.node.op, shape=list(d.shape) if d.shape else None,
+                                   decision="declined", reason=d.reason))
+    return records, by_key
+
+
+def rewrite(analysis: Analysis, records: list[LayerRecord], by_key: dict[str, list[Factorization]]) -> gs.Graph:
+    """Apply the passes to every accepted candidate, then one cleanup + toposort."""
+    from lrcompile.passes import PASSES
+
+    graph = analysis.graph
+    ctx = RewriteContext(graph, Namer(graph))
+    accepted = {r.node for r in records if r.decision == "factorized"}
+    for cand in analysis.candidates:
+        if cand.label in accepted and cand.weight_key in by_key:
+            PASSES[cand.pass_name].rewrite(graph, cand, by_key[cand.weight_key], ctx)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return graph
+
+
+def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Export the rewritten graph, keeping every model-level field of the original exactly."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.opset_import[:]
+    model.opset_import.extend(original.opset_import)
+    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, f, getattr(original, f))
+    del model.metadata_props[:]
+    model.metadata_props.extend(original.metadata_props)
+    model.graph.doc_string = original.graph.doc_string
+    model.graph.name = original.graph.name
+    return model
+
+
+def check_model(path: Path, original_path: Path) -> list[str]:
+    """Full checker and strict shape inference on the output. A check the original itself fails
+    is reported as a note instead of an error (it is not ours to fix)."""
+    notes = []
+    for name, fn in (
+        ("onnx.checker (full)", lambda p: onnx.checker.check_model(str(p), full_check=True)),
+        ("strict shape inference", lambda p: onnx.shape_inference.infer_shapes_path(
+            str(p), str(p) + ".inferred", check_type=True, strict_mode=True, data_prop=True)),
+    ):
+        try:
+            fn(path)
+        except Exception as e:  # noqa: BLE001 - onnx raises several types
+            try:
+                fn(original_path)
+            except Exception:  # noqa: BLE001
+                notes.append(f"{name} skipped: the original model fails it too")
+                continue
+            finally:
+                Path(str(original_path) + ".inferred").unlink(missing_ok=True)
+            raise AssertionError(f"rewritten model fails {name}: {e}") from e
+        finally:
+            Path(str(path) + ".inferred").unlink(missing_ok=True)
+    return notes
+
+
+def default_output(input_path: Path, target: str) -> Path:
+    return input_path.with_name(input_path.stem + ".lr.onnx")
+
+
+def compile_model(input_path: str | Path, output: str | Path | None = None,
+                  config: CompileConfig | None = None, *, progress: bool = False) -> CompileResult:
+    """Compile one model: see the module docstring. Raises LrcError for user errors."""
+    config = config or CompileConfig()
+    src = Path(input_path)
+    t = {"start": time.perf_counter()}
+    model = load_model(src)
+    out = Path(output) if output is not None else default_output(src, config.target)
+    if out.suffix != ".onnx":
+        raise LrcError(f"output {out} must end in .onnx (the engine is written beside it for --target trt)")
+    if same_file(src, out):
+        raise LrcError(f"output {out} is the input model; lrcompile never overwrites its input: pass another -o")
+
+    feeds_list = None
+    if config.verify or config.target in ("ort", "trt"):
+        feeds_list = _feeds(model, config)
+
+    analysis = analyze(model, config)
+    t["analyze"] = time.perf_counter()
+    if not analysis.candidates and not analysis.declines:
+        raise LrcError(f"{src}: no MatMul/Gemm/Conv/Gather node with a constant weight; nothing to compress")
+    records, by_key = plan(analysis, config, progress=progress)
+    t["factorize"] = time.perf_counter()
+    if not by_key:
+        raise LrcError(f"{src}: every candidate was declined ({_decline_summary(records)}); "
+                       "loosen the rank policy (e.g. --ratio 0.5) or --min-params")
+    graph = rewrite(analysis, records, by_key)
+    new = export(graph, model)
+    t["rewrite"] = time.perf_counter()
+
+    target_info: dict = {}
+    with atomic_output(out) as tmp:
+        files = write_model(new, tmp / out.name, external_data=config.external_data)
+        notes = check_model(tmp / out.name, src)
+        t["check"] = time.perf_counter()
+        diffs = None
+        if config.verify:
+            from .verify import compare
+
+            diffs = [d.to_dict() for d in compare(src, tmp / out.name, feeds_list)]
+            t["verify"] = time.perf_counter()
+        status, failures = _judge(diffs, config)
+        if config.target == "ort" and status != "FAILED":
+            from .targets import ort as ort_target
+
+            target_info["latency"] = ort_target.compare_latency(src, tmp / out.name, feeds_list[0])
+            opt = tmp / (out.stem + ".ort.onnx")
+            ort_target.save_optimized(tmp / out.name, opt)
+            files.append(opt)
+            target_info["optimized_model"] = str(out.parent / opt.name)
+        if config.target == "trt" and status != "FAILED":
+            from .targets import trt as trt_target
+
+            engine = tmp / (out.stem + ".engine")
+            opts = trt_target.TrtOptions(fp16=config.fp16, sparse_weights=config.sparse_weights,
+                                         shapes=trt_target.parse_shapes(config.shapes) if config.shapes else None)
+            target_info["engine"] = trt_target.build_engine(
+                tmp / out.name, engine, opts,
+                default_shapes={k: tuple(v.shape) for k, v in feeds_list[0].items()})
+            files.append(engine)
+            target_info["engine"]["path"] = str(out.parent / engine.name)
+        t["target"] = time.perf_counter()
+        committed = commit(files, out.parent) if status != "FAILED" else []
+    result = CompileResult(
+        config=config, input=src, output=out if committed else None, files=committed, layers=records,
+        verification=diffs, feeds=_feeds_info(feeds_list, config), target=target_info, status=status,
+        timings={k: round(v - t["start"], 3) for k, v in t.items() if k != "start"}, report={},
+    )
+    result.report = build_report(result, notes=notes + failures, folded=analysis.folded)
+    if status == "FAILED":
+        raise VerificationFailed("verification FAILED: " + "; ".join(failures)
+                                 + " (no output written; relax the rank policy or the tolerance)")
+    return result
+
+
+def _decline_summary(records: list[LayerRecord]) -> str:
+    reasons: dict[str, int] = {}
+    for r in records:
+        key = re.sub(r"\d+(\.\d+)?", "N", r.reason)
+        reasons[key] = reasons.get(key, 0) + 1
+    return "; ".join(f"{n} x {k}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+
+
+def _feeds(model: onnx.ModelProto, config: CompileConfig) -> list[dict[str, np.ndarray]]:
+    from .feeds import check_feeds, load_feeds, random_feeds
+
+    if config.inputs:
+        return [check_feeds(model, f, config.inputs) for f in load_feeds(config.inputs)]
+    return [random_feeds(model, seed=config.seed, dims=config.dims)]
+
+
+def _feeds_info(feeds_list, config: CompileConfig) -> dict | None:
+    if feeds_list is None:
+        return None
+    from .feeds import DISTRIBUTION, describe
+
+    return {"source": config.inputs or "random", "distribution": None if config.inputs else DISTRIBUTION,
+            "seed": config.seed, "batches": len(feeds_list), "inputs": describe(feeds_list[0])}
+
+
+def _judge(diffs: list[dict] | None, config: CompileConfig) -> tuple[str, list[str]]:
+    if diffs is None:
+        return "UNVERIFIED", []
+    fails = []
+    for d in diffs:
+        if config.tolerance is not None and not d["rel_l2"] <= config.tolerance:
+            fails.append(f"output {d['name']!r} rel L2 error {d['rel_l2']:.3e} > --tolerance {config.tolerance:g}")
+        if config.min_cosine is not None and not d["cosine"] >= config.min_cosine:
+            fails.append(f"output {d['name']!r} cosine {d['cosine']:.6f} < --min-cosine {config.min_cosine:g}")
+    return ("FAILED" if fails else "PASSED"), fails
+
+
+def build_report(res: CompileResult, *, notes: list[str], folded: list[str]) -> dict:
+    import onnxruntime
+
+    out = res.output
+    return {
+        "lrcompile": __version__,
+        "status": res.status,
+        "input": str(res.input),
+        "input_sha256": sha256(res.input),
+        "output": str(out) if out else None,
+        "output_sha256": sha256(out) if out else None,
+        "config": res.config.to_dict(),
+        "pipeline": f"analyze,{res.config.method}{{{res.config.policy().describe()},multiple={res.config.multiple}}},"
+                    "rewrite,cleanup,check" + (",verify" if res.config.verify else "") + f",target={res.config.target}",
+        "totals": totals(res.layers),
+        "layers": res.layers,
+        "verification": {"feeds": res.feeds, "outputs": res.verification},
+        "target": res.target,
+        "notes": notes,
+        "constant_subgraph_nodes_evaluated": folded,
+        "timings_s": res.timings,
+        "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
+    }

@@ -1,0 +1,66 @@
+"""Gemm with a constant weight B -> two Gemms that keep alpha, beta, transA and the bias C.
+
+``Y = alpha * A' @ B' + beta * C`` with ``A' = A^T if transA``, ``B' = B^T if transB``. In the
+[in, out] layout the weight is ``W = B' [K, N] ~= F [K, r] @ G [r, N]``. Rewrite:
+``H = Gemm(A, F, transA=transA)`` (alpha 1, no C), ``Y = Gemm(H, G, C, alpha, beta)``, plus
+``alpha * d`` when the method adds a mean correction. Lossless at full rank.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from lrcompile.factorize import Factorization
+from lrcompile.ir import Candidate, ConstantResolver, Decline, RewriteContext, float_weight_problem
+
+
+class GemmPass:
+    """Gemm(A, B, C) -> Gemm(Gemm(A, F), G, C) for a constant weight B, keeping alpha/beta/transA/bias."""
+
+    name = "gemm"
+    op_types = ("Gemm",)
+
+    def match(self, node: gs.Node, consts: ConstantResolver) -> Candidate | Decline | None:
+        ra, rb = consts.resolve(node.inputs[0]), consts.resolve(node.inputs[1])
+        if rb.value is None:
+            if "quantized" in rb.reason:
+                return Decline(node, self.name, rb.reason)
+            if ra.value is not None:
+                return Decline(node, self.name, "the constant is Gemm's first input A; only a constant B is factorized")
+            return Decline(node, self.name, "no constant weight (both inputs are activations)")
+        if ra.value is not None:
+            return Decline(node, self.name, "both inputs are constant (a constant-folding job, not ours)")
+        w = rb.value
+        problem = float_weight_problem(w)
+        if problem:
+            return Decline(node, self.name, problem, w.shape)
+        trans_b = int(node.attrs.get("transB", 0))
+        trans_a = int(node.attrs.get("transA", 0))
+        matrix = w.T if trans_b else w
+        return Candidate(
+            node=node,
+            pass_name=self.name,
+            weight_key=rb.source + (":T" if trans_b else ""),
+            matrices=[np.ascontiguousarray(matrix)],
+            activation=None if trans_a else node.inputs[0].name,
+            details={"transA": trans_a, "alpha": float(node.attrs.get("alpha", 1.0)),
+                     "beta": float(node.attrs.get("beta", 1.0))},
+        )
+
+    def rewrite(self, graph: gs.Graph, cand: Candidate, facts: list[Factorization], ctx: RewriteContext) -> None:
+        (f,) = facts
+        node, base, key, det = cand.node, cand.label, cand.weight_key, cand.details
+        out = node.outputs[0]
+        a_in = node.inputs[0]
+        c_in = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        node.inputs.clear()
+        node.outputs.clear()
+        fa, gc = ctx.const(key, "lr_A", base, f.a), ctx.const(key, "lr_C", base, f.c)
+        h = ctx.var(base, "lr_h", out.dtype)
+        ctx.node("Gemm", base, "lr_in", [a_in, fa], [h], {"transA": det["transA"]})
+        final = out if f.bias is None else ctx.var(base, "lr_y", out.dtype)
+        attrs = {"alpha": det["alpha"], "beta": det["beta"]}
+        ctx.node("Gemm", base, "lr_out", [h, gc] + ([c_in] if c_in is not None else []), [final], attrs)
+        if f.bias is not None:
+            d = ctx.const(key, "lr_d", base, (det["alpha"] * f.bias).astype(f.a.dtype))
+            ctx.node("Add", base, "lr_bias", [final, d], [out])

@@ -1,0 +1,26 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch  # noqa: F401
+        has_torch = True
+    except ImportError:
+        has_torch = False
+    try:
+        from lrcompile.targets.trt import import_tensorrt
+
+        import_tensorrt()
+        has_trt = True
+    except Exception:  # noqa: BLE001
+        has_trt = False
+    for item in items:
+        if "torch" in item.keywords and not has_torch:
+            item.add_marker(pytest.mark.skip(reason="torch is not installed (pip install torch==2.13.0)"))
+        if "trt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="neither tensorrt nor tensorrt-rtx is installed"))
