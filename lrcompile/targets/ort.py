@@ -1,0 +1,196 @@
+"""ONNX Runtime target: consistent sessions, latency comparison, optimized-model export.
+
+Default providers: CUDA (then CPU) when the installed onnxruntime offers CUDA, else CPU.
+TensorRT's execution provider is used only when asked for (``providers=[...]``): it builds an
+engine at session creation, which takes minutes and needs TensorRT's libraries.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from lrcompile.errors import LrcError
+
+log = logging.getLogger(__name__)
+
+_EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
+_WARNING = 2  # ORT log severity: 0 verbose, 1 info, 2 warning, 3 error
+
+
+def default_providers() -> list[str]:
+    """CUDA then CPU when onnxruntime offers CUDA, else CPU."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def session(
+    path: str | Path,
+    providers: list[str] | None = None,
+    *,
+    intra_op_threads: int | None = None,
+    options: ort.SessionOptions | None = None,
+) -> ort.InferenceSession:
+    """Make an InferenceSession with lrcompile's settings.
+
+    Graph optimization level ALL, log severity warning, an explicit provider list (None:
+    :func:`default_providers`).
+
+    Args:
+        path: the ONNX model (external data next to it is found by ORT).
+        providers: execution providers in priority order.
+        intra_op_threads: threads per op (None: ORT's default, one per physical core).
+        options: session options to start from (e.g. with optimized_model_filepath set).
+
+    Raises:
+        LrcError: the file is missing, or ORT cannot load it or offers none of the providers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LrcError(f"ONNX model {path} does not exist; check the path")
+    providers = list(providers) if providers is not None else default_providers()
+    missing = [p for p in providers if p not in ort.get_available_providers()]
+    if missing:
+        raise LrcError(
+            f"onnxruntime offers no {missing}; available: {ort.get_available_providers()} "
+            "(GPU providers need onnxruntime-gpu instead of onnxruntime)"
+        )
+    so = options or ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = _WARNING
+    if intra_op_threads is not None:
+        so.intra_op_num_threads = intra_op_threads
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LrcError(f"ONNX Runtime cannot load {path.name}: {msg}; check the model with onnx.checker") from None
+
+
+def _check_feeds(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], label: str) -> dict[str, np.ndarray]:
+    names = [i.name for i in sess.get_inputs()]
+    missing = [n for n in names if n not in feeds]
+    if missing:
+        raise LrcError(f"feeds lack input(s) {missing} of the {label} model; its inputs are {names}")
+    return {n: feeds[n] for n in names}
+
+
+def _stats(ms: list[float]) -> dict[str, float]:
+    a = np.asarray(ms)
+    return {
+        "median_ms": float(np.median(a)),
+        "p10_ms": float(np.percentile(a, 10)),
+        "p90_ms": float(np.percentile(a, 90)),
+        "mean_ms": float(a.mean()),
+    }
+
+
+def compare_latency(
+    original_path: str | Path,
+    compressed_path: str | Path,
+    feeds: dict[str, np.ndarray],
+    *,
+    warmup: int = 5,
+    repeats: int = 30,
+    providers: list[str] | None = None,
+    intra_op_threads: int | None = None,
+) -> dict[str, Any]:
+    """Time two models on the same feeds, interleaved so that drift hits both alike.
+
+    Each repeat runs both models once, in an order drawn from a seeded RNG (reproducible, and
+    neither model always runs second with warm caches).
+
+    Returns:
+        ``{"original": stats, "compressed": stats, "ratio": compressed/original median,
+        "speedup": original/compressed median, "providers", "warmup", "repeats"}``; stats hold
+        median_ms, p10_ms, p90_ms, mean_ms.
+
+    Raises:
+        LrcError: a model cannot be loaded, feeds miss an input, or warmup/repeats are invalid.
+    """
+    if warmup < 0 or repeats < 1:
+        raise LrcError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    providers = list(providers) if providers is not None else default_providers()
+    runs = {}
+    for label, path in (("original", original_path), ("compressed", compressed_path)):
+        sess = session(path, providers, intra_op_threads=intra_op_threads)
+        runs[label] = (sess, _check_feeds(sess, feeds, label))
+    for _ in range(warmup):
+        for sess, f in runs.values():
+            sess.run(None, f)
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    rng = np.random.default_rng(0)
+    labels = list(runs)
+    for _ in range(repeats):
+        for i in rng.permutation(len(labels)):
+            sess, f = runs[labels[i]]
+            t0 = time.perf_counter()
+            sess.run(None, f)
+            times[labels[i]].append((time.perf_counter() - t0) * 1e3)
+    orig, comp = _stats(times["original"]), _stats(times["compressed"])
+    return {
+        "original": orig,
+        "compressed": comp,
+        "ratio": comp["median_ms"] / orig["median_ms"],
+        "speedup": orig["median_ms"] / comp["median_ms"],
+        "providers": providers,
+        "warmup": warmup,
+        "repeats": repeats,
+    }
+
+
+def _uses_external_data(path: Path) -> bool:
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # not an ONNX file: ORT will say so
+        return False
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
+    ) or any(
+        a.t.data_location == onnx.TensorProto.EXTERNAL
+        for n in model.graph.node
+        for a in n.attribute
+        if a.type == onnx.AttributeProto.TENSOR
+    )
+
+
+def save_optimized(
+    model_path: str | Path, out_path: str | Path, *, providers: list[str] | None = None
+) -> Path:
+    """Write the model as ONNX Runtime optimizes it (level ALL) to ``out_path``, atomically.
+
+    The result may hold ORT-only ops and layouts for the providers (and CPU) it was made on.
+    Weights go to ``<out name>.data`` next to it when the input uses external data or is over
+    1.8 GB.
+
+    Raises:
+        LrcError: the model cannot be loaded, or ``out_path``'s directory does not exist.
+    """
+    model_path, out_path = Path(model_path), Path(out_path)
+    if not out_path.parent.is_dir():
+        raise LrcError(f"cannot write {out_path}: directory {out_path.parent} does not exist")
+    if not model_path.is_file():
+        raise LrcError(f"ONNX model {model_path} does not exist; check the path")
+    external = model_path.stat().st_size > _EXTERNAL_DATA_THRESHOLD or _uses_external_data(model_path)
+    data_name = f"{out_path.name}.data"
+    tmp_dir = Path(tempfile.mkdtemp(dir=out_path.parent, prefix=f".{out_path.name}."))
+    try:
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_dir / out_path.name)
+        if external:
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
+        session(model_path, providers, options=so)
+        if (tmp_dir / data_name).exists():
+            os.replace(tmp_dir / data_name, out_path.parent / data_name)
+        os.replace(tmp_dir / out_path.name, out_path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_path
