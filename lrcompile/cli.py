@@ -56,6 +56,19 @@ def _parse_dims(values: tuple[str, ...]) -> dict:
     return dims
 
 
+def _parse_options(values: tuple[str, ...]) -> dict:
+    opts = {}
+    for v in values:
+        key, sep, raw = v.partition("=")
+        if not sep or not key:
+            raise LrcError(f"--method-option {v!r}: expected KEY=VALUE (e.g. --method-option damping=0.01)")
+        try:
+            opts[key] = json.loads(raw)
+        except ValueError:
+            opts[key] = raw
+    return opts
+
+
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lrcompile")
 def main() -> None:
@@ -77,7 +90,16 @@ def main() -> None:
 @click.option("--energy", type=float, help="Smallest rank keeping this fraction of spectral energy.")
 @click.option("--max-error", type=float, help="Smallest rank with relative error at most this.")
 @click.option("--multiple", type=int, default=8, show_default=True, help="Round ranks to this multiple.")
-@click.option("--method", default="svd", show_default=True, help="Factorization method.")
+@click.option("--method", help="Factorization method: svd, whiten, asvd, fwsvd, afm "
+              "(default: whiten with --calib, svd without).")
+@click.option("--calib", help="Calibration data: .npz (batched on axis 0), Polygraphy JSON, or loader.py[:func].")
+@click.option("--calib-samples", type=int, help="Use at most this many calibration samples.")
+@click.option("--calib-batch", type=int, default=16, show_default=True, help="Samples per ORT batch (.npz).")
+@click.option("--mask-input", default="auto", show_default=True,
+              help="Input whose zeros mark padding rows ('auto': attention_mask if present; 'none').")
+@click.option("--method-option", "method_options", multiple=True, help="Factorizer option KEY=VALUE (repeatable).")
+@click.option("--layer-method", "layer_methods", multiple=True, help="Per-layer method REGEX=METHOD (repeatable).")
+@click.option("--sequential", is_flag=True, help="Calibrate each layer on the outputs of already-compressed ones.")
 @click.option("--solver", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True)
 @click.option("--only", help="Comma-separated op types to consider (MatMul,Gemm,Conv,Gather).")
 @click.option("--exclude", multiple=True, help="Regex on node names to leave intact (repeatable).")
@@ -98,7 +120,8 @@ def main() -> None:
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="Replay the options of a JSON report.")
 @click.option("-v", "--verbose", count=True)
 @click.option("-q", "--quiet", is_flag=True)
-def compile_cmd(model, output, report, config_file, verbose, quiet, no_verify, dims, only, exclude, include, **kw):
+def compile_cmd(model, output, report, config_file, verbose, quiet, no_verify, dims, only, exclude, include,
+                method_options, layer_methods, **kw):
     """Compile MODEL: factorize, rewrite, verify, and write/build the target."""
     _setup_logging(verbose, quiet)
 
@@ -117,8 +140,12 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, no_verify, d
             cfg = CompileConfig(
                 **kw, verify=not no_verify, dims=_parse_dims(dims),
                 only=tuple(s.strip() for s in only.split(",")) if only else None,
-                exclude=tuple(exclude), include=tuple(include),
+                exclude=tuple(exclude), include=tuple(include), layer_methods=tuple(layer_methods),
+                method_options=_parse_options(method_options),
             )
+            if cfg.calib is None and cfg.method is None:
+                log.warning("no --calib data: plain SVD of the weights; trained weights are rarely low-rank, "
+                            "so pass --calib for data-aware factorization")
         if report is not None and Path(report).suffix != ".json":
             raise LrcError(f"--report {report}: use a .json path")
         try:

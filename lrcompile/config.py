@@ -13,6 +13,9 @@ from .factorize import METHODS, RankPolicy
 
 TARGETS = ("onnx", "ort", "trt")
 SOLVERS = ("auto", "exact", "randomized")
+#: The default method when calibration data is given: the best measured on the test-bed models
+#: (README "Data-aware factorization"); without data the default is plain SVD.
+DEFAULT_WITH_DATA = "whiten"
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,17 @@ class CompileConfig:
         dims: values for dynamic input dimensions (``{"batch": 4, "seq": 32}`` by dim name).
         external_data: force (True) or forbid (False) external data in the output; None: automatic.
         fp16 / sparse_weights / shapes: TensorRT build options (``trt`` target).
+        calib: calibration data (.npz, Polygraphy JSON, or a ``.py[:func]`` data loader).
+        calib_samples: use at most this many calibration samples (None: all).
+        calib_batch: samples per ONNX Runtime batch when splitting an .npz.
+        mask_input: input whose zeros mark padding rows ("auto": ``attention_mask`` if present,
+            "none": no masking).
+        method_options: extra keyword options for the factorizer (e.g. ``{"damping": 0.01}``).
+        layer_methods: ``("regex=method", ...)``: per-layer method overrides, first match wins.
+        sequential: calibrate each layer on activations produced by the already-compressed
+            layers before it (one ORT pass per stage) instead of one pass on the original.
+
+    ``method`` None means: ``whiten`` with calibration data, ``svd`` without (see DEFAULTS).
     """
 
     target: str = "onnx"
@@ -47,7 +61,7 @@ class CompileConfig:
     energy: float | None = None
     max_error: float | None = None
     multiple: int = 8
-    method: str = "svd"
+    method: str | None = None
     solver: str = "auto"
     only: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
@@ -64,12 +78,31 @@ class CompileConfig:
     fp16: bool = False
     sparse_weights: bool = False
     shapes: str | None = None
+    calib: str | None = None
+    calib_samples: int | None = None
+    calib_batch: int = 16
+    mask_input: str | None = "auto"
+    method_options: dict = field(default_factory=dict)
+    layer_methods: tuple[str, ...] = ()
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise LrcError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
-        if self.method not in METHODS:
-            raise LrcError(f"unknown method {self.method!r}; choose one of {', '.join(sorted(METHODS))}")
+        for m in [self.method] + [lm.rpartition("=")[2] for lm in self.layer_methods]:
+            if m is not None and m not in METHODS:
+                raise LrcError(f"unknown method {m!r}; choose one of {', '.join(sorted(METHODS))}")
+        for lm in self.layer_methods:
+            pat, sep, _ = lm.rpartition("=")
+            if not sep or not pat:
+                raise LrcError(f"--layer-method {lm!r}: expected REGEX=METHOD (e.g. 'attention.*=svd')")
+        needs = METHODS[self.resolved_method].needs
+        if needs and not self.calib and "fisher" not in needs:
+            raise LrcError(f"method {self.resolved_method!r} needs calibration data: pass --calib FILE")
+        if self.calib_samples is not None and self.calib_samples < 1:
+            raise LrcError("--calib-samples must be >= 1")
+        if self.calib_batch < 1:
+            raise LrcError("--calib-batch must be >= 1")
         if self.solver not in SOLVERS:
             raise LrcError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
         try:
@@ -82,7 +115,7 @@ class CompileConfig:
             bad = [o for o in self.only if o not in BY_OP]
             if bad:
                 raise LrcError(f"--only: unsupported op type(s) {bad}; supported: {', '.join(sorted(BY_OP))}")
-        for pat in self.exclude + self.include:
+        for pat in self.exclude + self.include + tuple(lm.rpartition("=")[0] for lm in self.layer_methods):
             try:
                 re.compile(pat)
             except re.error as e:
@@ -91,6 +124,20 @@ class CompileConfig:
             raise LrcError("--min-params must be >= 0")
         if self.tolerance is not None and self.tolerance < 0:
             raise LrcError("--tolerance must be >= 0")
+
+    @property
+    def resolved_method(self) -> str:
+        """The method in force: the user's, else the measured best with data, else plain SVD."""
+        if self.method is not None:
+            return self.method
+        return DEFAULT_WITH_DATA if self.calib else "svd"
+
+    def method_for(self, label: str) -> str:
+        for lm in self.layer_methods:
+            pat, _, m = lm.rpartition("=")
+            if re.search(pat, label):
+                return m
+        return self.resolved_method
 
     def policy(self) -> RankPolicy:
         given = {n: getattr(self, n) for n in ("rank", "ratio", "energy", "max_error") if getattr(self, n) is not None}
@@ -102,6 +149,7 @@ class CompileConfig:
         d = asdict(self)
         d["only"] = list(self.only) if self.only is not None else None
         d["exclude"], d["include"] = list(self.exclude), list(self.include)
+        d["layer_methods"] = list(self.layer_methods)
         return d
 
     @classmethod
@@ -111,7 +159,7 @@ class CompileConfig:
         if unknown:
             raise LrcError(f"unknown option(s) in config: {unknown}")
         d = dict(d)
-        for k in ("only", "exclude", "include"):
+        for k in ("only", "exclude", "include", "layer_methods"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)

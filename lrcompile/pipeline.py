@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import CompileConfig
 from .errors import LrcError, VerificationFailed
-from .factorize import Factorization, RankPolicy, break_even_rank, factorize
+from .factorize import METHODS, Factorization, LayerStats, RankPolicy, break_even_rank, factorize
+from .factorize.derive import with_output_stats
 from .io import atomic_output, commit, load_model, same_file, write_model
 from .ir import Candidate, ConstantResolver, Decline, RewriteContext, Namer, node_label
 from .report import LayerRecord, sha256, totals
@@ -104,13 +105,27 @@ def analyze(model: onnx.ModelProto, config: CompileConfig) -> Analysis:
     return Analysis(graph, cands, declines, consts.folded)
 
 
-def _factorize_candidate(cand: Candidate, config: CompileConfig, policy: RankPolicy) -> list[Factorization]:
-    opts = {"solver": config.solver, "seed": config.seed}
-    facts = [factorize(m, policy, config.method, None, **opts) for m in cand.matrices]
+def _stats_for(cand: Candidate, method: str, stats: dict[str, LayerStats] | None) -> tuple[str, LayerStats | None, str]:
+    """The method to use for ``cand``, its statistics, and a note when it had to fall back."""
+    needs = METHODS[method].needs
+    if not needs or "fisher" in needs:
+        return method, None, ""
+    st = stats.get(cand.activation) if stats and cand.activation else None
+    if st is None:
+        return "svd", None, f"no activation statistics for this {cand.node.op} input: plain SVD"
+    if needs & {"out_sum", "out_gram"}:
+        st = with_output_stats(st, cand.matrices[0])
+    return method, st, ""
+
+
+def _factorize_candidate(cand: Candidate, config: CompileConfig, policy: RankPolicy, method: str,
+                         st: LayerStats | None) -> list[Factorization]:
+    opts = {"solver": config.solver, "seed": config.seed, **config.method_options}
+    facts = [factorize(m, policy, method, st, **opts) for m in cand.matrices]
     r = max(f.rank for f in facts)
     if any(f.rank != r for f in facts):  # groups share one rank: refit the others at it
         fixed = RankPolicy(rank=r, multiple=1)
-        facts = [f if f.rank == r else factorize(m, fixed, config.method, None, **opts)
+        facts = [f if f.rank == r else factorize(m, fixed, method, st, **opts)
                  for f, m in zip(facts, cand.matrices)]
     return facts
 
@@ -121,31 +136,37 @@ def _combined_error(cand: Candidate, facts: list[Factorization], attr: str) -> f
     return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
-def plan(analysis: Analysis, config: CompileConfig, *, progress: bool = False
-         ) -> tuple[list[LayerRecord], dict[str, list[Factorization]]]:
-    """Factorize each distinct weight once; decide per candidate; return records and factors by key."""
+@dataclass
+class Plan:
+    """Per-candidate decisions and the factorizations by weight key (accumulates over stages)."""
+
+    records: list[LayerRecord] = field(default_factory=list)
+    by_key: dict[str, list[Factorization]] = field(default_factory=dict)
+    owner: dict[str, str] = field(default_factory=dict)
+    declined_keys: dict[str, str] = field(default_factory=dict)
+
+
+def plan(cands: list[Candidate], config: CompileConfig, *, stats: dict[str, LayerStats] | None = None,
+         progress: bool = False, into: Plan | None = None) -> Plan:
+    """Factorize each distinct weight once and decide per candidate."""
     policy = config.policy()
-    records: list[LayerRecord] = []
-    by_key: dict[str, list[Factorization]] = {}
-    owner: dict[str, str] = {}
-    declined_keys: dict[str, str] = {}
-    for cand in tqdm(analysis.candidates, desc="factorize", unit="layer", disable=not progress, leave=False):
-        shape = list(cand.matrices[0].shape)
-        rec = LayerRecord(node=cand.label, op=cand.node.op, shape=shape, decision="factorized",
-                          weight=cand.weight_key, groups=len(cand.matrices),
-                          params_before=cand.params,
-                          break_even=round(break_even_rank(*cand.matrices[0].shape), 2))
+    p = into or Plan()
+    for cand in tqdm(cands, desc="factorize", unit="layer", disable=not progress, leave=False):
+        rec = LayerRecord(node=cand.label, op=cand.node.op, shape=list(cand.matrices[0].shape),
+                          decision="factorized", weight=cand.weight_key, groups=len(cand.matrices),
+                          params_before=cand.params, break_even=round(break_even_rank(*cand.matrices[0].shape), 2))
         key = cand.weight_key
-        if key in declined_keys:
-            rec.decision, rec.reason = "declined", declined_keys[key]
-            records.append(rec)
+        if key in p.declined_keys:
+            rec.decision, rec.reason = "declined", p.declined_keys[key]
+            p.records.append(rec)
             continue
-        if key in by_key:
-            facts = by_key[key]
-            rec.shared_with = owner[key]
+        if key in p.by_key:
+            facts = p.by_key[key]
+            rec.shared_with = p.owner[key]
         else:
+            method, st, rec.reason = _stats_for(cand, config.method_for(cand.label), stats)
             t0 = time.perf_counter()
-            facts = _factorize_candidate(cand, config, policy)
+            facts = _factorize_candidate(cand, config, policy, method, st)
             rec.seconds = round(time.perf_counter() - t0, 4)
         f0 = facts[0]
         rec.rank, rec.method = f0.rank, f0.method
@@ -157,29 +178,39 @@ def plan(analysis: Analysis, config: CompileConfig, *, progress: bool = False
             reason = (f"rank {f0.rank} >= break-even {break_even_rank(*f0.shape):.1f} "
                       f"for [{f0.shape[0]} x {f0.shape[1]}]: saves nothing")
             rec.decision, rec.reason = "declined", reason
-            declined_keys[key] = reason
-        elif key not in by_key:
-            by_key[key] = facts
-            owner[key] = cand.label
-        records.append(rec)
-    for d in analysis.declines:
-        records.append(LayerRecord(node=d.label, op=d.node.op, shape=list(d.shape) if d.shape else None,
-                                   decision="declined", reason=d.reason))
-    return records, by_key
+            p.declined_keys[key] = reason
+        elif key not in p.by_key:
+            p.by_key[key] = facts
+            p.owner[key] = cand.label
+        p.records.append(rec)
+    return p
 
 
-def rewrite(analysis: Analysis, records: list[LayerRecord], by_key: dict[str, list[Factorization]]) -> gs.Graph:
-    """Apply the passes to every accepted candidate, then one cleanup + toposort."""
+def decline_records(declines: list[Decline]) -> list[LayerRecord]:
+    return [LayerRecord(node=d.label, op=d.node.op, shape=list(d.shape) if d.shape else None,
+                        decision="declined", reason=d.reason) for d in declines]
+
+
+def apply(ctx: RewriteContext, cands: list[Candidate], p: Plan) -> None:
+    """Rewrite every accepted candidate of ``cands``, then one cleanup + toposort."""
     from lrcompile.passes import PASSES
 
-    graph = analysis.graph
-    ctx = RewriteContext(graph, Namer(graph))
-    accepted = {r.node for r in records if r.decision == "factorized"}
-    for cand in analysis.candidates:
-        if cand.label in accepted and cand.weight_key in by_key:
-            PASSES[cand.pass_name].rewrite(graph, cand, by_key[cand.weight_key], ctx)
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return graph
+    accepted = {r.node for r in p.records if r.decision == "factorized"}
+    for cand in cands:
+        if cand.label in accepted and cand.weight_key in p.by_key:
+            PASSES[cand.pass_name].rewrite(ctx.graph, cand, p.by_key[cand.weight_key], ctx)
+    ctx.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
+def stages(graph: gs.Graph, cands: list[Candidate]) -> list[list[Candidate]]:
+    """Candidates grouped by their activation tensor, in topological order (sequential calibration).
+    Candidates without an activation come last, in one group."""
+    order = {id(n): i for i, n in enumerate(graph.toposort().nodes)}
+    groups: dict[str | None, list[Candidate]] = {}
+    for c in sorted(cands, key=lambda c: order.get(id(c.node), 0)):
+        groups.setdefault(c.activation, []).append(c)
+    tail = groups.pop(None, [])
+    return list(groups.values()) + ([tail] if tail else [])
 
 
 def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
@@ -246,13 +277,34 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     t["analyze"] = time.perf_counter()
     if not analysis.candidates and not analysis.declines:
         raise LrcError(f"{src}: no MatMul/Gemm/Conv/Gather node with a constant weight; nothing to compress")
-    records, by_key = plan(analysis, config, progress=progress)
-    t["factorize"] = time.perf_counter()
-    if not by_key:
+    ctx = RewriteContext(analysis.graph, Namer(analysis.graph))
+    calib_info = None
+    if config.calib and config.sequential:
+        p, calib_info = Plan(), {"mode": "sequential", "stages": []}
+        for stage in tqdm(stages(analysis.graph, analysis.candidates), desc="sequential calibration",
+                          unit="stage", disable=not progress, leave=False):
+            stats = None
+            if stage[0].activation is not None:
+                stats, info = _calibrate(export(analysis.graph, model), stage, config, progress=False)
+                calib_info["stages"].append(info)
+            plan(stage, config, stats=stats, into=p)
+            apply(ctx, stage, p)
+        t["calibrate"] = t["factorize"] = time.perf_counter()
+    else:
+        stats = None
+        if config.calib:
+            stats, calib_info = _calibrate(model, analysis.candidates, config, progress=progress)
+            calib_info["mode"] = "one-shot"
+            t["calibrate"] = time.perf_counter()
+        p = plan(analysis.candidates, config, stats=stats, progress=progress)
+        t["factorize"] = time.perf_counter()
+        if p.by_key:
+            apply(ctx, analysis.candidates, p)
+    records = p.records + decline_records(analysis.declines)
+    if not p.by_key:
         raise LrcError(f"{src}: every candidate was declined ({_decline_summary(records)}); "
                        "loosen the rank policy (e.g. --ratio 0.5) or --min-params")
-    graph = rewrite(analysis, records, by_key)
-    new = export(graph, model)
+    new = export(analysis.graph, model)
     t["rewrite"] = time.perf_counter()
 
     target_info: dict = {}
@@ -294,10 +346,26 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
         timings={k: round(v - t["start"], 3) for k, v in t.items() if k != "start"}, report={},
     )
     result.report = build_report(result, notes=notes + failures, folded=analysis.folded)
+    result.report["calibration"] = calib_info
     if status == "FAILED":
         raise VerificationFailed("verification FAILED: " + "; ".join(failures)
                                  + " (no output written; relax the rank policy or the tolerance)")
     return result
+
+
+def _calibrate(model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *, progress: bool
+               ) -> tuple[dict[str, LayerStats], dict]:
+    """Activation statistics of the candidates' inputs on the calibration data."""
+    from .calibrate import CalibSource, collect_stats, default_mask_input, iter_calibration
+
+    tensors = {c.activation: c.matrices[0].shape[0] for c in cands if c.activation is not None}
+    if not tensors:
+        return {}, {"samples": 0, "layers": 0}
+    mask = default_mask_input(model) if config.mask_input == "auto" else (
+        None if config.mask_input in (None, "none") else config.mask_input)
+    src = CalibSource(config.calib, config.calib_samples, config.calib_batch)
+    return collect_stats(model, tensors, iter_calibration(src, model), mask_input=mask, progress=progress,
+                         total=config.calib_samples)
 
 
 def _decline_summary(records: list[LayerRecord]) -> str:
@@ -349,8 +417,9 @@ def build_report(res: CompileResult, *, notes: list[str], folded: list[str]) -> 
         "output": str(out) if out else None,
         "output_sha256": sha256(out) if out else None,
         "config": res.config.to_dict(),
-        "pipeline": f"analyze,{res.config.method}{{{res.config.policy().describe()},multiple={res.config.multiple}}},"
-                    "rewrite,cleanup,check" + (",verify" if res.config.verify else "") + f",target={res.config.target}",
+        "pipeline": ("analyze," + ("calibrate," if res.config.calib else "")
+                     + f"{res.config.resolved_method}{{{res.config.policy().describe()},multiple={res.config.multiple}}},"
+                    "rewrite,cleanup,check" + (",verify" if res.config.verify else "") + f",target={res.config.target}"),
         "totals": totals(res.layers),
         "layers": res.layers,
         "verification": {"feeds": res.feeds, "outputs": res.verification},

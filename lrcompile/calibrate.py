@@ -1,0 +1,180 @@
+"""Calibration data in, per-layer activation statistics out.
+
+Sources (``--calib``):
+- ``.npz``: named input arrays batched along axis 0 (split into ``batch_size`` slices);
+  entries whose names start with ``__`` are ignored (room for labels). Never unpickled.
+- ``.json``: Polygraphy's input format, a list of feed dicts (each one batch).
+- ``.py`` or ``.py:func``: a data-loader script in Polygraphy's convention: ``func`` (default
+  ``load_data``) yields feed dicts. Only run because the user named it explicitly.
+
+Statistics come from one ONNX Runtime pass over the model with the candidate layers' input
+tensors exposed as extra outputs; each batch is folded into float64 sums
+(``lrcompile.factorize.stats``) and dropped, so memory is bounded by the sums, not the data.
+A mask input (``attention_mask``) drops padding rows: its zeros remove the matching rows of every
+activation whose leading dimensions match the mask.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from .errors import LrcError
+from .factorize import LayerStats
+from .factorize.stats import StatsAccumulator
+from .feeds import check_feeds, graph_inputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibSource:
+    path: str
+    samples: int | None = None
+    batch_size: int = 16
+
+
+def _rows(feed: dict[str, np.ndarray]) -> int:
+    return int(next(iter(feed.values())).shape[0]) if feed else 0
+
+
+def iter_calibration(src: CalibSource, model: onnx.ModelProto) -> Iterator[dict[str, np.ndarray]]:
+    """Yield checked feed dicts, at most ``src.samples`` rows in all."""
+    p, _, func = src.path.partition(".py:")
+    path = Path(p + ".py" if func else src.path)
+    if not path.is_file():
+        raise LrcError(f"--calib {path}: no such file; pass an .npz, a Polygraphy JSON or a data-loader .py")
+    left = src.samples if src.samples is not None else float("inf")
+    for feed in _raw_batches(path, func or "load_data", src.batch_size, model):
+        if left <= 0:
+            return
+        n = _rows(feed)
+        if n > left:
+            feed = {k: v[: int(left)] for k, v in feed.items()}
+            n = int(left)
+        left -= n
+        yield check_feeds(model, feed, f"--calib {path.name}")
+
+
+def _raw_batches(path: Path, func: str, batch_size: int, model: onnx.ModelProto) -> Iterator[dict]:
+    if path.suffix == ".npz":
+        try:
+            z = np.load(path, allow_pickle=False)
+            arrays = {k: z[k] for k in z.files if not k.startswith("__")}
+        except ValueError as e:
+            raise LrcError(f"--calib {path}: holds pickled objects ({e}); save plain arrays with np.savez") from None
+        except Exception as e:  # noqa: BLE001 - corrupt zip/npy
+            raise LrcError(f"--calib {path} is not a readable .npz ({type(e).__name__}); save it with np.savez") from None
+        if not arrays:
+            raise LrcError(f"--calib {path} holds no arrays")
+        lens = {k: v.shape[0] if v.ndim else None for k, v in arrays.items()}
+        if len(set(lens.values())) != 1 or None in lens.values():
+            raise LrcError(f"--calib {path}: arrays must share their first (batch) axis, got {lens}")
+        n = next(iter(lens.values()))
+        for lo in range(0, n, batch_size):
+            yield {k: v[lo:lo + batch_size] for k, v in arrays.items()}
+    elif path.suffix == ".json":
+        from .feeds import load_feeds
+
+        yield from load_feeds(path)
+    elif path.suffix == ".py":
+        spec = importlib.util.spec_from_file_location(f"lrcompile_calib_{path.stem}", path)
+        mod = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(mod)
+        except Exception as e:  # noqa: BLE001 - the user's script
+            raise LrcError(f"--calib {path}: the script failed to import: {type(e).__name__}: {e}") from None
+        fn: Callable | None = getattr(mod, func, None)
+        if not callable(fn):
+            raise LrcError(f"--calib {path}: defines no function {func}(); define it to yield feed dicts")
+        for feed in fn():
+            if not isinstance(feed, dict):
+                raise LrcError(f"--calib {path}: {func}() must yield dicts of input name -> array")
+            yield {k: np.asarray(v) for k, v in feed.items()}
+    else:
+        raise LrcError(f"--calib {path}: unknown type {path.suffix!r}; use .npz, Polygraphy .json or a .py loader")
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    return m
+
+
+def _row_mask(mask: np.ndarray | None, lead: tuple[int, ...]) -> np.ndarray | None:
+    if mask is None:
+        return None
+    if mask.shape == lead[: mask.ndim] and mask.ndim == len(lead):
+        return mask
+    if int(np.prod(lead)) == mask.size:
+        return mask.reshape(lead)
+    return None  # e.g. pooled activations [batch, K]: padding already excluded
+
+
+def collect_stats(
+    model: onnx.ModelProto,
+    tensors: dict[str, int],
+    batches: Iterator[dict[str, np.ndarray]],
+    *,
+    mask_input: str | None = None,
+    progress: bool = False,
+    total: int | None = None,
+) -> tuple[dict[str, LayerStats], dict]:
+    """Accumulate second moments of each named activation tensor (``name -> K``) over ``batches``.
+
+    Returns the statistics by tensor name and a summary (rows seen, masked rows, bytes held).
+    """
+    from .io import write_model
+    from .targets.ort import session
+
+    accs = {n: StatsAccumulator(k) for n, k in tensors.items()}
+    seen = kept = 0
+    unmasked: set[str] = set()
+    with tempfile.TemporaryDirectory(prefix="lrcompile-calib-") as tmp:
+        path = Path(tmp) / "calib.onnx"
+        write_model(_with_outputs(model, sorted(tensors)), path)
+        sess = session(path, ["CPUExecutionProvider"])
+        names = sorted(tensors)
+        bar = tqdm(total=total, desc="calibrate", unit="sample", disable=not progress, leave=False)
+        for feed in batches:
+            outs = dict(zip(names, sess.run(names, feed)))
+            mask = None
+            if mask_input is not None:
+                if mask_input not in feed:
+                    raise LrcError(f"--mask-input {mask_input!r} is not an input of the model")
+                mask = np.asarray(feed[mask_input]) != 0
+            for n, x in outs.items():
+                if x.ndim < 1 or x.shape[-1] != tensors[n]:
+                    raise AssertionError(f"activation {n!r} has shape {x.shape}, expected [..., {tensors[n]}]")
+                m = _row_mask(mask, x.shape[:-1])
+                if mask is not None and m is None:
+                    unmasked.add(n)
+                accs[n].update(x, mask=m)
+            seen += _rows(feed)
+            if mask is not None:
+                kept += int(mask.sum())
+            bar.update(_rows(feed))
+        bar.close()
+    if seen == 0:
+        raise LrcError("--calib: the calibration source yielded no samples")
+    info = {"samples": seen, "mask_input": mask_input, "mask_kept_rows": kept if mask_input else None,
+            "stats_bytes": int(sum(a.nbytes for a in accs.values())),
+            "unmasked_tensors": sorted(unmasked), "layers": len(accs)}
+    return {n: a.result() for n, a in accs.items()}, info
+
+
+def default_mask_input(model: onnx.ModelProto) -> str | None:
+    """``attention_mask`` when the model has such an input (stated in the report)."""
+    names = [vi.name for vi in graph_inputs(model)]
+    return "attention_mask" if "attention_mask" in names else None

@@ -1,0 +1,21 @@
+"""Statistics derived from others, without another pass over the data.
+
+For a layer ``y = x @ B``: ``sum y = (sum x) @ B`` and ``Y^T Y = B^T (X^T X) B``, so the output
+statistics that output-side methods (AFM) need follow exactly from the input statistics.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from .types import LayerStats
+
+
+def with_output_stats(stats: LayerStats, b: np.ndarray) -> LayerStats:
+    """``stats`` plus ``out_sum``/``out_gram`` of ``y = x @ b`` (needs ``in_sum`` and ``gram``)."""
+    if stats.gram is None or stats.in_sum is None:
+        raise ValueError("output statistics need the input gram and in_sum")
+    b64 = np.asarray(b, np.float64)
+    out_gram = b64.T @ stats.gram @ b64
+    return replace(stats, out_sum=stats.in_sum @ b64, out_gram=0.5 * (out_gram + out_gram.T))
