@@ -28,10 +28,25 @@ from tqdm.auto import tqdm
 
 from .errors import LrcError
 from .factorize import LayerStats
+from .factorize.patches import ConvGeometry, im2col
 from .factorize.stats import StatsAccumulator
 from .feeds import check_feeds, graph_inputs
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StatRequest:
+    """Statistics wanted for one weight's input: rows of ``tensor`` with ``k`` features, or, for a
+    2-D Conv, its receptive fields per group (``conv`` geometry)."""
+
+    tensor: str
+    k: int
+    conv: ConvGeometry | None = None
+
+    @property
+    def groups(self) -> int:
+        return self.conv.group if self.conv else 1
 
 
 @dataclass(frozen=True)
@@ -124,28 +139,29 @@ def _row_mask(mask: np.ndarray | None, lead: tuple[int, ...]) -> np.ndarray | No
 
 def collect_stats(
     model: onnx.ModelProto,
-    tensors: dict[str, int],
+    requests: dict[str, StatRequest],
     batches: Iterator[dict[str, np.ndarray]],
     *,
     mask_input: str | None = None,
     progress: bool = False,
     total: int | None = None,
-) -> tuple[dict[str, LayerStats], dict]:
-    """Accumulate second moments of each named activation tensor (``name -> K``) over ``batches``.
+) -> tuple[dict[str, list[LayerStats]], dict]:
+    """Accumulate second moments for each request over ``batches``.
 
-    Returns the statistics by tensor name and a summary (rows seen, masked rows, bytes held).
+    Returns, by request key, one LayerStats per group (a single one except for grouped convs),
+    and a summary (samples seen, rows kept by the mask, bytes held).
     """
     from .io import write_model
     from .targets.ort import session
 
-    accs = {n: StatsAccumulator(k) for n, k in tensors.items()}
+    accs = {key: [StatsAccumulator(r.k) for _ in range(r.groups)] for key, r in requests.items()}
+    names = sorted({r.tensor for r in requests.values()})
     seen = kept = 0
     unmasked: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="lrcompile-calib-") as tmp:
         path = Path(tmp) / "calib.onnx"
-        write_model(_with_outputs(model, sorted(tensors)), path)
+        write_model(_with_outputs(model, names), path)
         sess = session(path, ["CPUExecutionProvider"])
-        names = sorted(tensors)
         bar = tqdm(total=total, desc="calibrate", unit="sample", disable=not progress, leave=False)
         for feed in batches:
             outs = dict(zip(names, sess.run(names, feed)))
@@ -154,13 +170,19 @@ def collect_stats(
                 if mask_input not in feed:
                     raise LrcError(f"--mask-input {mask_input!r} is not an input of the model")
                 mask = np.asarray(feed[mask_input]) != 0
-            for n, x in outs.items():
-                if x.ndim < 1 or x.shape[-1] != tensors[n]:
-                    raise AssertionError(f"activation {n!r} has shape {x.shape}, expected [..., {tensors[n]}]")
+            for key, req in requests.items():
+                x = outs[req.tensor]
+                if req.conv is not None:
+                    for i in range(x.shape[0]):  # one image at a time bounds the im2col copy
+                        for acc, rows in zip(accs[key], im2col(x[i:i + 1], req.conv)):
+                            acc.update(rows)
+                    continue
+                if x.ndim < 1 or x.shape[-1] != req.k:
+                    raise AssertionError(f"activation {req.tensor!r} has shape {x.shape}, expected [..., {req.k}]")
                 m = _row_mask(mask, x.shape[:-1])
                 if mask is not None and m is None:
-                    unmasked.add(n)
-                accs[n].update(x, mask=m)
+                    unmasked.add(req.tensor)
+                accs[key][0].update(x, mask=m)
             seen += _rows(feed)
             if mask is not None:
                 kept += int(mask.sum())
@@ -169,9 +191,9 @@ def collect_stats(
     if seen == 0:
         raise LrcError("--calib: the calibration source yielded no samples")
     info = {"samples": seen, "mask_input": mask_input, "mask_kept_rows": kept if mask_input else None,
-            "stats_bytes": int(sum(a.nbytes for a in accs.values())),
+            "stats_bytes": int(sum(a.nbytes for group in accs.values() for a in group)),
             "unmasked_tensors": sorted(unmasked), "layers": len(accs)}
-    return {n: a.result() for n, a in accs.items()}, info
+    return {key: [a.result() for a in group] for key, group in accs.items()}, info
 
 
 def default_mask_input(model: onnx.ModelProto) -> str | None:

@@ -105,28 +105,44 @@ def analyze(model: onnx.ModelProto, config: CompileConfig) -> Analysis:
     return Analysis(graph, cands, declines, consts.folded)
 
 
-def _stats_for(cand: Candidate, method: str, stats: dict[str, LayerStats] | None) -> tuple[str, LayerStats | None, str]:
-    """The method to use for ``cand``, its statistics, and a note when it had to fall back."""
+def stat_request(cand: Candidate):
+    """``(key, StatRequest)`` for the statistics ``cand``'s weight needs, or None."""
+    from .calibrate import StatRequest
+
+    if cand.activation is None:
+        return None
+    geo = cand.details.get("geometry")
+    k = cand.matrices[0].shape[0]
+    if geo is not None:
+        return f"{cand.activation}|{geo}", StatRequest(cand.activation, k, geo)
+    return cand.activation, StatRequest(cand.activation, k)
+
+
+def _stats_for(cand: Candidate, method: str, stats: dict[str, list[LayerStats]] | None
+               ) -> tuple[str, list[LayerStats | None], str]:
+    """The method to use for ``cand``, its statistics per group, and a note when it fell back."""
+    none = [None] * len(cand.matrices)
     needs = METHODS[method].needs
     if not needs or "fisher" in needs:
-        return method, None, ""
-    st = stats.get(cand.activation) if stats and cand.activation else None
+        return method, none, ""
+    req = stat_request(cand)
+    st = stats.get(req[0]) if stats and req else None
     if st is None:
-        return "svd", None, f"no activation statistics for this {cand.node.op} input: plain SVD"
+        return "svd", none, f"no activation statistics for this {cand.node.op} input: plain SVD"
     if needs & {"out_sum", "out_gram"}:
-        st = with_output_stats(st, cand.matrices[0])
+        st = [with_output_stats(s, m) for s, m in zip(st, cand.matrices)]
     return method, st, ""
 
 
 def _factorize_candidate(cand: Candidate, config: CompileConfig, policy: RankPolicy, method: str,
-                         st: LayerStats | None) -> list[Factorization]:
+                         st: list[LayerStats | None]) -> list[Factorization]:
     opts = {"solver": config.solver, "seed": config.seed, **config.method_options}
-    facts = [factorize(m, policy, method, st, **opts) for m in cand.matrices]
+    facts = [factorize(m, policy, method, s, **opts) for m, s in zip(cand.matrices, st)]
     r = max(f.rank for f in facts)
     if any(f.rank != r for f in facts):  # groups share one rank: refit the others at it
         fixed = RankPolicy(rank=r, multiple=1)
-        facts = [f if f.rank == r else factorize(m, fixed, method, st, **opts)
-                 for f, m in zip(facts, cand.matrices)]
+        facts = [f if f.rank == r else factorize(m, fixed, method, s, **opts)
+                 for f, m, s in zip(facts, cand.matrices, st)]
     return facts
 
 
@@ -146,7 +162,7 @@ class Plan:
     declined_keys: dict[str, str] = field(default_factory=dict)
 
 
-def plan(cands: list[Candidate], config: CompileConfig, *, stats: dict[str, LayerStats] | None = None,
+def plan(cands: list[Candidate], config: CompileConfig, *, stats: dict[str, list[LayerStats]] | None = None,
          progress: bool = False, into: Plan | None = None) -> Plan:
     """Factorize each distinct weight once and decide per candidate."""
     policy = config.policy()
@@ -354,17 +370,17 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
 
 
 def _calibrate(model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *, progress: bool
-               ) -> tuple[dict[str, LayerStats], dict]:
+               ) -> tuple[dict[str, list[LayerStats]], dict]:
     """Activation statistics of the candidates' inputs on the calibration data."""
     from .calibrate import CalibSource, collect_stats, default_mask_input, iter_calibration
 
-    tensors = {c.activation: c.matrices[0].shape[0] for c in cands if c.activation is not None}
-    if not tensors:
+    requests = dict(r for r in map(stat_request, cands) if r is not None)
+    if not requests:
         return {}, {"samples": 0, "layers": 0}
     mask = default_mask_input(model) if config.mask_input == "auto" else (
         None if config.mask_input in (None, "none") else config.mask_input)
     src = CalibSource(config.calib, config.calib_samples, config.calib_batch)
-    return collect_stats(model, tensors, iter_calibration(src, model), mask_input=mask, progress=progress,
+    return collect_stats(model, requests, iter_calibration(src, model), mask_input=mask, progress=progress,
                          total=config.calib_samples)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from lrcompile.factorize import Factorization
+from lrcompile.factorize.patches import ConvGeometry
 from lrcompile.ir import Candidate, ConstantResolver, Decline, RewriteContext, float_weight_problem
 
 
@@ -44,8 +45,15 @@ class ConvPass:
             kind = "depthwise conv" if g > 1 else "conv"
             return Decline(node, self.name, f"{kind}: each group's weight is [{k} x {og}], nothing to factorize", w.shape)
         mats = [np.ascontiguousarray(w[i * og:(i + 1) * og].reshape(og, k).T) for i in range(g)]
+        geo = None
+        if w.ndim == 4:  # 2-D conv: calibration rows are its receptive fields (im2col)
+            a = node.attrs
+            geo = ConvGeometry(kernel=tuple(w.shape[2:]), strides=tuple(a.get("strides", (1, 1))),
+                               dilations=tuple(a.get("dilations", (1, 1))), pads=tuple(a.get("pads", (0, 0, 0, 0))),
+                               auto_pad=str(a.get("auto_pad", "NOTSET")), group=g)
         return Candidate(node=node, pass_name=self.name, weight_key=rw.source, matrices=mats,
-                         activation=None, details={"group": g, "wshape": tuple(w.shape)})
+                         activation=node.inputs[0].name if geo else None,
+                         details={"group": g, "wshape": tuple(w.shape), "geometry": geo})
 
     def rewrite(self, graph: gs.Graph, cand: Candidate, facts: list[Factorization], ctx: RewriteContext) -> None:
         node, base, key = cand.node, cand.label, cand.weight_key
