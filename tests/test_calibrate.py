@@ -1,0 +1,128 @@
+"""Calibration: sources (.npz, Polygraphy JSON, .py loader), statistics against direct numpy
+computation, mask handling, conv receptive fields, and one-line errors for bad files."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import lrcompile
+from lrcompile.calibrate import CalibSource, StatRequest, collect_stats, iter_calibration
+from lrcompile.factorize.patches import ConvGeometry, im2col
+from helpers import make_model, save, trained_like, vi
+
+RNG = np.random.default_rng(3)
+
+
+@pytest.fixture()
+def seq_model(tmp_path):
+    """ids-free sequence model: x [b, t, 32] -> MatMul W1 -> Relu -> MatMul W2, with a mask input."""
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y0"], name="fc2"),
+             helper.make_node("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["mf", "ax"], ["m3"]), helper.make_node("Mul", ["y0", "m3"], ["y"])]
+    inits = [("W1", trained_like(32, 64, 1)), ("W2", trained_like(64, 16, 2)), ("ax", np.array([2], np.int64))]
+    m = make_model(nodes, [vi("x", ["b", "t", 32]), vi("attention_mask", ["b", "t"], TensorProto.INT64)],
+                   [vi("y", ["b", "t", 16])], inits)
+    return save(m, tmp_path / "seq.onnx")
+
+
+def _calib(n=24, t=10):
+    x = (RNG.standard_normal((n, t, 32)) @ np.diag(np.linspace(3, 0.1, 32))).astype(np.float32)
+    lengths = RNG.integers(3, t + 1, n)
+    mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int64)
+    return x, mask
+
+
+def test_stats_stream_equal_direct_and_mask_drops_padding(tmp_path, seq_model):
+    x, mask = _calib()
+    np.savez(tmp_path / "c.npz", x=x, attention_mask=mask)
+    model = onnx.load(str(seq_model))
+    src = CalibSource(str(tmp_path / "c.npz"), batch_size=5)  # uneven batches
+    reqs = {"x": StatRequest("x", 32), "r": StatRequest("r", 64)}
+    stats, info = collect_stats(model, reqs, iter_calibration(src, model), mask_input="attention_mask")
+    keep = mask.reshape(-1) != 0
+    rows = x.reshape(-1, 32)[keep].astype(np.float64)
+    assert stats["x"][0].count == keep.sum() == info["mask_kept_rows"]
+    np.testing.assert_allclose(stats["x"][0].gram, rows.T @ rows, rtol=1e-10)
+    np.testing.assert_allclose(stats["x"][0].in_sum, rows.sum(0), rtol=1e-10)
+    # the hidden activation, computed independently
+    r = np.maximum(x.astype(np.float64) @ trained_like(32, 64, 1).astype(np.float64), 0).reshape(-1, 64)[keep]
+    np.testing.assert_allclose(stats["r"][0].gram, r.T @ r, rtol=1e-4)
+    # without the mask, padding rows enter
+    stats2, _ = collect_stats(model, reqs, iter_calibration(src, model), mask_input=None)
+    assert stats2["x"][0].count == x.shape[0] * x.shape[1]
+
+
+def test_samples_limit_and_json_and_py_loader(tmp_path, seq_model):
+    x, mask = _calib()
+    model = onnx.load(str(seq_model))
+    np.savez(tmp_path / "c.npz", x=x, attention_mask=mask)
+    got = list(iter_calibration(CalibSource(str(tmp_path / "c.npz"), samples=7, batch_size=4), model))
+    assert [f["x"].shape[0] for f in got] == [4, 3]
+    from polygraphy.json import save_json
+
+    save_json([{"x": x[:4], "attention_mask": mask[:4]}, {"x": x[4:6], "attention_mask": mask[4:6]}],
+              str(tmp_path / "c.json"))
+    got = list(iter_calibration(CalibSource(str(tmp_path / "c.json")), model))
+    assert [f["x"].shape[0] for f in got] == [4, 2]
+    (tmp_path / "loader.py").write_text(
+        "import numpy as np\n"
+        "def batches():\n"
+        "    rng = np.random.default_rng(0)\n"
+        "    for _ in range(3):\n"
+        "        yield {'x': rng.standard_normal((2, 5, 32)).astype(np.float32),\n"
+        "               'attention_mask': np.ones((2, 5), np.int64)}\n")
+    got = list(iter_calibration(CalibSource(str(tmp_path / "loader.py") + ":batches"), model))
+    assert len(got) == 3 and got[0]["x"].shape == (2, 5, 32)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p, x, m: np.savez(p, y=x, attention_mask=m), "missing ['x']"),
+    (lambda p, x, m: np.savez(p, x=x[..., :16], attention_mask=m), "axis 2"),
+    (lambda p, x, m: np.savez(p, x=x.astype(np.complex64), attention_mask=m), "expects float32"),
+    (lambda p, x, m: np.savez(p, x=x, attention_mask=m[:3]), "share their first"),
+    (lambda p, x, m: np.savez(p, x=np.array([{"a": 1}] * 24, dtype=object), attention_mask=m), "pickle"),
+    (lambda p, x, m: p.write_bytes(b"PK\x03\x04 not really a zip"), "not a readable .npz"),
+])
+def test_bad_calibration_files_one_line_errors(tmp_path, seq_model, make, match):
+    x, mask = _calib()
+    p = tmp_path / "bad.npz"
+    make(p, x, mask)
+    with pytest.raises(lrcompile.LrcError, match=match.replace("[", r"\[").replace("]", r"\]")) as e:
+        lrcompile.compile(seq_model, tmp_path / "o.onnx", calib=str(p), method="svd", min_params=0)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_bad_loader_script(tmp_path, seq_model):
+    (tmp_path / "l.py").write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(lrcompile.LrcError, match="failed to import: RuntimeError: boom"):
+        lrcompile.compile(seq_model, tmp_path / "o.onnx", calib=str(tmp_path / "l.py"), method="svd", min_params=0)
+    (tmp_path / "m.py").write_text("x = 1\n")
+    with pytest.raises(lrcompile.LrcError, match="defines no function load_data"):
+        lrcompile.compile(seq_model, tmp_path / "o.onnx", calib=str(tmp_path / "m.py"), method="svd", min_params=0)
+
+
+@pytest.mark.parametrize("kw,geo", [
+    ({"pads": [1, 0, 2, 1], "strides": [2, 1], "dilations": [1, 2], "group": 2},
+     ConvGeometry((3, 2), (2, 1), (1, 2), (1, 0, 2, 1), "NOTSET", 2)),
+    ({"auto_pad": "SAME_UPPER", "strides": [2, 3], "group": 2}, ConvGeometry((3, 2), (2, 3), (1, 1), (0,) * 4, "SAME_UPPER", 2)),
+    ({"auto_pad": "SAME_LOWER", "strides": [2, 3], "group": 1}, ConvGeometry((3, 2), (2, 3), (1, 1), (0,) * 4, "SAME_LOWER", 1)),
+    ({"auto_pad": "VALID", "group": 3}, ConvGeometry((3, 2), (1, 1), (1, 1), (0,) * 4, "VALID", 3)),
+])
+def test_im2col_rows_reproduce_conv(kw, geo):
+    g = kw["group"]
+    w = RNG.standard_normal((6 * g, 12 // g, 3, 2)).astype(np.float32)
+    x = RNG.standard_normal((2, 12, 11, 9)).astype(np.float32)
+    m = make_model([helper.make_node("Conv", ["x", "W"], ["y"], **kw)], [vi("x", list(x.shape))],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [("W", w)])
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    og = w.shape[0] // g
+    outs = [rows @ w[i * og:(i + 1) * og].reshape(og, -1).T for i, rows in enumerate(im2col(x, geo))]
+    got = np.concatenate(outs, 1).reshape(2, y.shape[2], y.shape[3], -1).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, y, rtol=1e-5, atol=1e-5)
