@@ -100,6 +100,11 @@ def main() -> None:
 @click.option("--method-option", "method_options", multiple=True, help="Factorizer option KEY=VALUE (repeatable).")
 @click.option("--layer-method", "layer_methods", multiple=True, help="Per-layer method REGEX=METHOD (repeatable).")
 @click.option("--sequential", is_flag=True, help="Calibrate each layer on the outputs of already-compressed ones.")
+@click.option("--fisher", help="fwsvd: Fisher .npz (weight name -> squared-gradient sums), or 'collect' (torch).")
+@click.option("--labels", help="Labels .npy for --fisher collect (default: __labels__ in the --calib .npz).")
+@click.option("--loss", type=click.Choice(["auto", "bce", "ce", "mse"]), default="auto", show_default=True,
+              help="Loss for --fisher collect.")
+@click.option("--fisher-output", help="Model output the loss applies to (default: the first).")
 @click.option("--solver", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True)
 @click.option("--only", help="Comma-separated op types to consider (MatMul,Gemm,Conv,Gather).")
 @click.option("--exclude", multiple=True, help="Regex on node names to leave intact (repeatable).")
@@ -198,6 +203,71 @@ def inspect_cmd(model, ratio, min_params, as_json, verbose, quiet):
 
         rows = inspect_model(model, ratio=ratio, min_params=min_params, progress=not quiet and not as_json)
         click.echo(to_json(rows) if as_json else inspect_table(rows))
+
+    _run(go)
+
+
+
+@main.command("bench")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--config", "configs", multiple=True, metavar="'METHOD:KEY=V1,V2[;KEY=V]'",
+              help="Configurations, e.g. 'svd:ratio=0.9,0.7,0.5' (repeatable; default: every method that "
+                   "can run, at ratio 0.9, 0.7, 0.5).")
+@click.option("--eval", "eval_feed", type=click.Path(path_type=Path), help="Evaluation feed .npz (default: the build folder's).")
+@click.option("--reference", type=click.Path(path_type=Path), help="The original's outputs on it .npz (default: computed).")
+@click.option("--labels", type=click.Path(path_type=Path), help="Labels .npy aligned with the eval rows.")
+@click.option("--metric", type=click.Choice(["cosine", "top1", "auc"]), help="Task metric (default: meta.json's, else cosine).")
+@click.option("--output-name", help="The scored output (default: meta.json's, else the first output).")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration data for data-aware methods.")
+@click.option("--eval-rows", type=int, help="Score only the first N eval rows.")
+@click.option("--only", help="Comma-separated op types for every configuration (e.g. MatMul).")
+@click.option("--min-params", type=int, help="--min-params for every configuration.")
+@click.option("--latency/--no-latency", default=True, show_default=True, help="ORT CPU latency, original vs compressed.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Small latency batch.")
+@click.option("--large-batch", type=int, default=64, show_default=True, help="Large latency batch.")
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per model and batch (median).")
+@click.option("--trt/--no-trt", default=True, show_default=True, help="Build TensorRT engines (size, success).")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNGs (needs matplotlib).")
+@click.option("--rank-config", help="Configuration label whose per-layer ranks are plotted (default: the last).")
+@click.option("--keep-models", is_flag=True, help="Keep the compressed models in OUT/models.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("-v", "--verbose", count=True)
+@click.option("-q", "--quiet", is_flag=True)
+def bench_cmd(target, configs, eval_feed, reference, labels, metric, output_name, calib, eval_rows, only, min_params,
+              latency, batch, large_batch, warmup, repeats, trt, plots, rank_config, keep_models, out, verbose, quiet):
+    """Measure compression configurations of TARGET (a models/build.py folder, or a model with --eval):
+    params, FLOPs, size, task metric, ORT latency, TensorRT build; writes results.json/csv and PNGs."""
+    _setup_logging(verbose, quiet)
+
+    def go():
+        from .bench import load_dataset, method_availability, parse_config, results_table, run_bench
+
+        ds = load_dataset(target, eval_feed=eval_feed, reference=reference, labels=labels, metric=metric,
+                          calib=calib, output=output_name, rows=eval_rows)
+        if configs:
+            cfgs = [c for text in configs for c in parse_config(text)]
+        else:
+            methods, skipped = method_availability(ds.calib is not None)
+            for m, why in skipped.items():
+                log.warning("skipping method %s: %s", m, why)
+            cfgs = [c for m in methods for c in parse_config(f"{m}:ratio=0.9,0.7,0.5")]
+        common = {}
+        if only:
+            common["only"] = tuple(s.strip() for s in only.split(","))
+        if min_params is not None:
+            common["min_params"] = min_params
+        res = run_bench(ds, cfgs, out, common=common, latency=latency, batch=batch, large_batch=large_batch,
+                        warmup=warmup, repeats=repeats, trt=trt, plots=plots, rank_config=rank_config,
+                        keep_models=keep_models, progress=not quiet)
+        click.echo(f"{res['model']} ({res['task']}, {res['settings']['eval_rows']} eval rows; "
+                   f"primary metric {res['primary']})")
+        click.echo(results_table(res))
+        click.echo(f"\nwrote {', '.join(str(out / f) for f in res['files'])} in {res['seconds']:.0f} s")
+        failed = [r["config"] for r in res["rows"] if r["status"] != "ok"]
+        click.echo(f"FAILED: {len(failed)} configuration(s): {', '.join(failed)}" if failed else "PASSED")
+        if failed:
+            sys.exit(1)
 
     _run(go)
 

@@ -51,6 +51,11 @@ class CompileConfig:
         layer_methods: ``("regex=method", ...)``: per-layer method overrides, first match wins.
         sequential: calibrate each layer on activations produced by the already-compressed
             layers before it (one ORT pass per stage) instead of one pass on the original.
+        fisher: Fisher information for ``fwsvd``: an .npz of weight name -> summed squared
+            gradients (stored layout), or ``"collect"`` to compute it from the calibration data
+            and labels with torch (``lrcompile[fisher]``).
+        labels / loss / fisher_output: labels (.npy; default ``__labels__`` in the calibration
+            .npz), the loss (auto, bce, ce, mse) and the output it applies to, for ``collect``.
 
     ``method`` None means: ``whiten`` with calibration data, ``svd`` without (see DEFAULTS).
     """
@@ -85,6 +90,10 @@ class CompileConfig:
     method_options: dict = field(default_factory=dict)
     layer_methods: tuple[str, ...] = ()
     sequential: bool = False
+    fisher: str | None = None
+    labels: str | None = None
+    loss: str = "auto"
+    fisher_output: str | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -96,9 +105,18 @@ class CompileConfig:
             pat, sep, _ = lm.rpartition("=")
             if not sep or not pat:
                 raise LrcError(f"--layer-method {lm!r}: expected REGEX=METHOD (e.g. 'attention.*=svd')")
-        needs = METHODS[self.resolved_method].needs
-        if needs and not self.calib and "fisher" not in needs:
-            raise LrcError(f"method {self.resolved_method!r} needs calibration data: pass --calib FILE")
+        methods = {self.resolved_method} | {lm.rpartition("=")[2] for lm in self.layer_methods}
+        for m in sorted(methods):
+            needs = METHODS[m].needs
+            if "fisher" in needs and not self.fisher:
+                raise LrcError(f"method {m!r} needs Fisher information: pass --fisher FILE.npz, or --fisher collect "
+                               "with --calib data and labels")
+            if needs and "fisher" not in needs and not self.calib:
+                raise LrcError(f"method {m!r} needs calibration data: pass --calib FILE")
+        if self.fisher == "collect" and not self.calib:
+            raise LrcError("--fisher collect computes gradients on calibration data: pass --calib FILE")
+        if self.loss not in ("auto", "bce", "ce", "mse"):
+            raise LrcError(f"--loss {self.loss!r}: choose auto, bce, ce or mse")
         if self.calib_samples is not None and self.calib_samples < 1:
             raise LrcError("--calib-samples must be >= 1")
         if self.calib_batch < 1:

@@ -118,13 +118,20 @@ def stat_request(cand: Candidate):
     return cand.activation, StatRequest(cand.activation, k)
 
 
-def _stats_for(cand: Candidate, method: str, stats: dict[str, list[LayerStats]] | None
-               ) -> tuple[str, list[LayerStats | None], str]:
+def _stats_for(cand: Candidate, method: str, stats: dict[str, list[LayerStats]] | None,
+               fisher: dict[str, np.ndarray] | None = None) -> tuple[str, list[LayerStats | None], str]:
     """The method to use for ``cand``, its statistics per group, and a note when it fell back."""
     none = [None] * len(cand.matrices)
     needs = METHODS[method].needs
-    if not needs or "fisher" in needs:
+    if not needs:
         return method, none, ""
+    if "fisher" in needs:
+        from .fisher import fisher_for_candidate
+
+        f = (fisher or {}).get(cand.weight_key.removesuffix(":T"))
+        if f is None:
+            return "svd", none, "no Fisher information for this weight: plain SVD"
+        return method, [LayerStats(count=0, fisher=m) for m in fisher_for_candidate(cand, f)], ""
     req = stat_request(cand)
     st = stats.get(req[0]) if stats and req else None
     if st is None:
@@ -163,7 +170,7 @@ class Plan:
 
 
 def plan(cands: list[Candidate], config: CompileConfig, *, stats: dict[str, list[LayerStats]] | None = None,
-         progress: bool = False, into: Plan | None = None) -> Plan:
+         fisher: dict[str, np.ndarray] | None = None, progress: bool = False, into: Plan | None = None) -> Plan:
     """Factorize each distinct weight once and decide per candidate."""
     policy = config.policy()
     p = into or Plan()
@@ -180,7 +187,7 @@ def plan(cands: list[Candidate], config: CompileConfig, *, stats: dict[str, list
             facts = p.by_key[key]
             rec.shared_with = p.owner[key]
         else:
-            method, st, rec.reason = _stats_for(cand, config.method_for(cand.label), stats)
+            method, st, rec.reason = _stats_for(cand, config.method_for(cand.label), stats, fisher)
             t0 = time.perf_counter()
             facts = _factorize_candidate(cand, config, policy, method, st)
             rec.seconds = round(time.perf_counter() - t0, 4)
@@ -294,6 +301,7 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     if not analysis.candidates and not analysis.declines:
         raise LrcError(f"{src}: no MatMul/Gemm/Conv/Gather node with a constant weight; nothing to compress")
     ctx = RewriteContext(analysis.graph, Namer(analysis.graph))
+    fisher = _fisher(model, analysis.candidates, config, progress=progress)
     calib_info = None
     if config.calib and config.sequential:
         p, calib_info = Plan(), {"mode": "sequential", "stages": []}
@@ -303,7 +311,7 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
             if stage[0].activation is not None:
                 stats, info = _calibrate(export(analysis.graph, model), stage, config, progress=False)
                 calib_info["stages"].append(info)
-            plan(stage, config, stats=stats, into=p)
+            plan(stage, config, stats=stats, fisher=fisher, into=p)
             apply(ctx, stage, p)
         t["calibrate"] = t["factorize"] = time.perf_counter()
     else:
@@ -312,7 +320,7 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
             stats, calib_info = _calibrate(model, analysis.candidates, config, progress=progress)
             calib_info["mode"] = "one-shot"
             t["calibrate"] = time.perf_counter()
-        p = plan(analysis.candidates, config, stats=stats, progress=progress)
+        p = plan(analysis.candidates, config, stats=stats, fisher=fisher, progress=progress)
         t["factorize"] = time.perf_counter()
         if p.by_key:
             apply(ctx, analysis.candidates, p)
@@ -382,6 +390,31 @@ def _calibrate(model: onnx.ModelProto, cands: list[Candidate], config: CompileCo
     src = CalibSource(config.calib, config.calib_samples, config.calib_batch)
     return collect_stats(model, requests, iter_calibration(src, model), mask_input=mask, progress=progress,
                          total=config.calib_samples)
+
+
+def _fisher(model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *, progress: bool
+            ) -> dict[str, np.ndarray] | None:
+    """Fisher information by weight name, when some layer's method needs it."""
+    if not config.fisher or not any("fisher" in METHODS[config.method_for(c.label)].needs for c in cands):
+        return None
+    from . import fisher as fz
+
+    names = sorted({c.weight_key.removesuffix(":T") for c in cands
+                    if "fisher" in METHODS[config.method_for(c.label)].needs})
+    if config.fisher != "collect":
+        shapes = {}
+        for c in cands:
+            n = c.weight_key.removesuffix(":T")
+            if n in names:
+                shapes[n] = c.details.get("wshape") or (c.matrices[0].T.shape if c.weight_key.endswith(":T")
+                                                         else c.matrices[0].shape)
+        return fz.load_fisher_npz(config.fisher, shapes)
+    from .calibrate import CalibSource, iter_calibration
+
+    src = CalibSource(config.calib, config.calib_samples, config.calib_batch)
+    labels = fz.load_labels(config.calib, config.labels)
+    return fz.collect_fisher(model, names, iter_calibration(src, model), labels, loss=config.loss,
+                             output=config.fisher_output, progress=progress, total=config.calib_samples)
 
 
 def _decline_summary(records: list[LayerRecord]) -> str:

@@ -1,0 +1,447 @@
+"""Fisher information of constant weights, for Fisher-weighted SVD (FWSVD).
+
+Definition (empirical Fisher at batch level): for each named weight tensor ``W``,
+``F = sum_b (dL_b/dW)^2`` (elementwise), where ``L_b`` is the *mean* loss over batch ``b`` of the
+calibration data against its labels. It is accumulated in float64 and returned in the layout of the
+tensor as the model holds it (a Gemm ``transB=1`` weight stays ``[N, K]``, a Conv weight
+``[O, I/g, k...]``); :func:`fisher_for_candidate` maps it onto a candidate's ``[K, N]`` matrices.
+The scale depends on the batch size and the number of batches; FWSVD only uses relative row
+importances, so it does not matter.
+
+Gradients come from torch: the ONNX model is converted with onnx2torch (optional dependency:
+``pip install 'lrcompile[fisher]'``). Each named weight is *lifted* first: its consumers read a new
+graph input instead of the initializer, and that input is fed a leaf tensor with
+``requires_grad``, so the gradient arrives in the stored layout whatever onnx2torch does with
+MatMul/Gemm weights (buffers, ``nn.Linear`` with a transposed or alpha-scaled copy), and a weight
+shared by several nodes gets its total gradient. Conv/ConvTranspose weights cannot be lifted
+(onnx2torch bakes them into ``nn.ConvNd`` modules, same layout): their gradient is read from those
+modules' ``weight`` parameters.
+
+Labels (the convention): a calibration ``.npz`` may carry the labels as the array ``__labels__``
+(one row per sample, aligned with the inputs; names starting with ``__`` are not model inputs), or
+the user passes a separate ``.npy`` (``--labels``). Losses: ``bce`` (a probability output with one
+value per sample, clamped to ``[1e-7, 1 - 1e-7]``), ``ce`` (logits ``[..., C]`` with integer labels
+``[...]``), ``mse`` (float labels with as many values as the output), ``auto`` (chosen from the
+first batch: integer labels with a ``[..., C>1]`` output -> ce; 0/1 labels with an output in
+[0, 1] -> bce; float labels -> mse).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import types
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from tqdm.auto import tqdm
+
+from .errors import LrcError
+
+if TYPE_CHECKING:
+    from .ir import Candidate
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'lrcompile[fisher]' (torch and onnx2torch)"
+LOSSES = ("auto", "bce", "ce", "mse")
+LABELS_KEY = "__labels__"
+#: Ops whose onnx2torch converter copies these weight inputs into module parameters.
+BAKED = {"Conv": (1,), "ConvTranspose": (1,)}
+#: Ops whose converter needs these inputs as initializers and hides them from autograd.
+UNSUPPORTED = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2),
+               "Conv": (2,), "ConvTranspose": (2,)}
+_EPS = 1e-7
+
+
+# ----------------------------------------------------------------------------- user-supplied Fisher
+
+def load_fisher_npz(path: str | Path, weights: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Read a user-supplied Fisher ``.npz``.
+
+    Args:
+        path: the file; keys are weight tensor (initializer) names, values the sums of squared loss
+            gradients **in the layout the model stores the tensor** (a Gemm ``transB=1`` weight is
+            ``[N, K]``, a Conv weight ``[O, I/g, k...]``), not the ``[K, N]`` candidate layout.
+        weights: name -> stored shape of every weight the file may describe.
+
+    Returns:
+        name -> float64 Fisher, for the names the file holds (weights it omits are absent).
+
+    Raises:
+        LrcError: missing/unreadable file, pickled objects, unknown keys, wrong shapes, values that
+            are not real numbers, negative or non-finite.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise LrcError(f"--fisher {p}: no such file; save name -> squared-gradient sums with np.savez")
+    if not zipfile.is_zipfile(p):
+        raise LrcError(f"--fisher {p} is not an .npz archive; save name -> Fisher arrays with np.savez")
+    try:
+        z = np.load(p, allow_pickle=False)
+        raw = {k: z[k] for k in z.files}
+    except ValueError as e:
+        raise LrcError(f"--fisher {p}: holds pickled objects ({e}); save plain arrays with np.savez") from None
+    except Exception as e:  # noqa: BLE001 - corrupt zip/npy, or a bare .npy
+        raise LrcError(f"--fisher {p} is not a readable .npz ({type(e).__name__}); save it with np.savez") from None
+    unknown = sorted(set(raw) - set(weights))
+    if unknown:
+        more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        raise LrcError(f"--fisher {p}: {', '.join(map(repr, unknown[:5]))}{more} name no factorizable weight; "
+                       f"keys must be weight initializer names")
+    out = {}
+    for k, v in raw.items():
+        want = tuple(weights[k])
+        if v.shape != want:
+            raise LrcError(f"--fisher {p}: {k!r} has shape {list(v.shape)}, expected the stored weight shape {list(want)}")
+        if v.dtype.kind not in "biuf":
+            raise LrcError(f"--fisher {p}: {k!r} has dtype {v.dtype}; Fisher values must be real numbers")
+        v = v.astype(np.float64)
+        if not np.all(np.isfinite(v)):
+            raise LrcError(f"--fisher {p}: {k!r} holds NaN or Inf; Fisher values must be finite")
+        if np.any(v < 0):
+            raise LrcError(f"--fisher {p}: {k!r} holds negative values; a Fisher is a sum of squares")
+        out[k] = v
+    return out
+
+
+def fisher_for_candidate(cand: Candidate, fisher: np.ndarray) -> list[np.ndarray]:
+    """Map a stored-layout Fisher onto ``cand.matrices`` (one ``[K, N]`` per group).
+
+    Mirrors the passes: a key ending in ``:T`` (Gemm ``transB``, MatMul with the weight on the
+    left) is transposed; a Conv weight ``[O, I/g, k...]`` splits into groups, each ``[I/g*k.., O/g]``.
+    """
+    g = len(cand.matrices)
+    if fisher.ndim > 2:
+        og = fisher.shape[0] // g
+        mats = [fisher[i * og:(i + 1) * og].reshape(og, -1).T for i in range(g)]
+    else:
+        mats = [fisher.T if cand.weight_key.endswith(":T") else fisher]
+    got, want = [m.shape for m in mats], [m.shape for m in cand.matrices]
+    if got != want:
+        raise AssertionError(f"{cand.label}: Fisher maps to {got}, the candidate's matrices are {want}")
+    return [np.ascontiguousarray(m) for m in mats]
+
+
+# ----------------------------------------------------------------------------- labels
+
+def load_labels(calib_path: str | Path, labels_path: str | Path | None = None) -> np.ndarray:
+    """All labels: ``labels_path`` (a ``.npy``) when given, else the calibration ``.npz``'s ``__labels__``."""
+    if labels_path is not None:
+        p = Path(labels_path)
+        if not p.is_file():
+            raise LrcError(f"--labels {p}: no such file; save the labels with np.save (one row per sample)")
+        try:
+            y = np.load(p, allow_pickle=False)
+        except ValueError as e:
+            raise LrcError(f"--labels {p}: holds pickled objects ({e}); save a plain array with np.save") from None
+        except Exception as e:  # noqa: BLE001
+            raise LrcError(f"--labels {p} is not a readable .npy ({type(e).__name__}); save it with np.save") from None
+        if not isinstance(y, np.ndarray):
+            raise LrcError(f"--labels {p}: expected one array (.npy), got an archive; save it with np.save")
+    else:
+        p = Path(calib_path)
+        if p.suffix != ".npz":
+            raise LrcError(f"--calib {p}: only an .npz carries labels ({LABELS_KEY}); pass --labels FILE.npy")
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                if LABELS_KEY not in z.files:
+                    raise LrcError(f"--calib {p} holds no {LABELS_KEY} array; add it (one row per sample) "
+                                   f"or pass --labels FILE.npy")
+                y = z[LABELS_KEY]
+        except LrcError:
+            raise
+        except ValueError as e:
+            raise LrcError(f"--calib {p}: {LABELS_KEY} is pickled ({e}); save plain arrays with np.savez") from None
+        except Exception as e:  # noqa: BLE001
+            raise LrcError(f"--calib {p} is not a readable .npz ({type(e).__name__})") from None
+    if y.ndim == 0 or y.dtype.kind not in "biuf":
+        raise LrcError(f"labels: expected a numeric array with one row per sample, got {y.dtype} {list(y.shape)}")
+    if Path(calib_path).suffix == ".npz" and Path(calib_path).is_file():
+        with np.load(calib_path, allow_pickle=False) as z:
+            rows = {z[k].shape[0] for k in z.files if not k.startswith("__") and z[k].ndim}
+        if rows and rows != {y.shape[0]}:
+            raise LrcError(f"labels: {y.shape[0]} rows, but --calib {Path(calib_path).name} holds {sorted(rows)[0]} samples")
+    return y
+
+
+def iter_labels(calib_path: str | Path, labels_path: str | Path | None = None, *, batch_size: int = 16,
+                samples: int | None = None) -> Iterator[np.ndarray]:
+    """Label batches aligned with ``iter_calibration(CalibSource(calib_path, samples, batch_size))``.
+
+    Exact for ``.npz`` sources (same slicing). For ``.json``/``.py`` sources, whose batches are the
+    source's own, pass the whole :func:`load_labels` array to :func:`collect_fisher` instead.
+    """
+    y = load_labels(calib_path, labels_path)
+    n = y.shape[0] if samples is None else min(samples, y.shape[0])
+    for lo in range(0, n, batch_size):
+        yield y[lo:min(lo + batch_size, n)]
+
+
+# ----------------------------------------------------------------------------- torch side
+
+def _import_convert():
+    """onnx2torch's ``convert``; an install hint when torch/onnx2torch are missing.
+
+    onnx2torch imports torchvision at import time, only for its NMS and RoiAlign converters. When
+    torchvision is missing or broken (e.g. a CUDA torchvision over a CPU torch), onnx2torch is
+    imported with a temporary stand-in whose ops raise if a model uses them.
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise LrcError(f"Fisher collection needs torch: {INSTALL_HINT}") from None
+    try:
+        from onnx2torch import convert
+
+        return convert
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] in ("onnx2torch", "torch"):
+            raise LrcError(f"Fisher collection needs onnx2torch: {INSTALL_HINT}") from None
+        cause = e
+    except Exception as e:  # noqa: BLE001 - a broken torchvision raises RuntimeError/OSError at import
+        cause = e
+    log.info("onnx2torch imported without torchvision (%s: %s); NMS/RoiAlign unavailable", type(cause).__name__, cause)
+
+    def unavailable(*_a, **_k):
+        raise LrcError(f"this model uses NMS/RoiAlign, which needs a working torchvision ({cause})")
+
+    tv, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
+    ops.nms = ops.roi_align = ops.batched_nms = unavailable
+    tv.ops = ops
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules)
+             if k.split(".")[0] in ("onnx2torch", "torchvision")}
+    sys.modules.update({"torchvision": tv, "torchvision.ops": ops})
+    try:
+        from onnx2torch import convert
+
+        return convert
+    except Exception as e:  # noqa: BLE001
+        raise LrcError(f"onnx2torch failed to import ({type(e).__name__}: {e}): {INSTALL_HINT}") from None
+    finally:
+        for k in ("torchvision", "torchvision.ops"):
+            sys.modules.pop(k, None)
+        sys.modules.update({k: v for k, v in saved.items() if k.split(".")[0] == "torchvision"})
+
+
+def _constant_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
+    inits = {i.name: i for i in model.graph.initializer}
+    out, rest = {}, []
+    for n in names:
+        if n in inits:
+            out[n] = numpy_helper.to_array(inits[n])
+        else:
+            rest.append(n)
+    if rest:
+        import onnx_graphsurgeon as gs
+
+        from .ir import ConstantResolver
+
+        graph = gs.import_onnx(model)
+        tensors, consts = graph.tensors(), ConstantResolver(graph)
+        for n in rest:
+            r = consts.resolve(tensors[n]) if n in tensors else None
+            if r is None or r.value is None:
+                raise LrcError(f"weight {n!r} is not a constant tensor of the model "
+                               f"({r.reason if r is not None else 'no such tensor'})")
+            out[n] = r.value
+    for n, v in out.items():
+        if v.dtype.kind != "f":
+            raise LrcError(f"weight {n!r} has dtype {v.dtype}; Fisher needs float weights")
+    return out
+
+
+def _lift(model: onnx.ModelProto, values: dict[str, np.ndarray], output: str):
+    """A copy of ``model`` with one output and each weight's consumers reading a new graph input.
+
+    Returns (model, lifted input name by weight, baked consumers' first outputs by weight).
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    keep = [o for o in g.output if o.name == output]
+    del g.output[:]
+    g.output.extend(keep)
+    used = {t for node in g.node for t in (*node.input, *node.output)} | {i.name for i in g.input}
+    used |= {i.name for i in g.initializer}
+    inits = {i.name for i in g.initializer}
+    lifted, baked = {}, {}
+    for w, value in values.items():
+        new = w + "__lrc_fisher"
+        while new in used:
+            new += "_"
+        used.add(new)
+        init_name = w
+        uses = 0
+        for node in g.node:
+            for i, t in enumerate(node.input):
+                if t != w:
+                    continue
+                uses += 1
+                if i in UNSUPPORTED.get(node.op_type, ()):
+                    raise LrcError(f"weight {w!r} feeds {node.op_type} input {i}, which onnx2torch keeps out of "
+                                   f"autograd; Fisher is collected for MatMul/Gemm/Conv weights")
+                if i in BAKED.get(node.op_type, ()):
+                    if w not in inits:  # onnx2torch bakes only initializers: give the value one
+                        init_name = new + "_init"
+                        if init_name not in inits:
+                            g.initializer.append(numpy_helper.from_array(value, init_name))
+                            inits.add(init_name)
+                    node.input[i] = init_name
+                    baked.setdefault(w, []).append(node.output[0])
+                else:
+                    node.input[i] = new
+                    lifted[w] = new
+        if not uses:
+            raise LrcError(f"weight {w!r} is used by no node of the main graph")
+        if w in lifted:
+            elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+            g.input.append(onnx.helper.make_tensor_value_info(new, elem, list(value.shape)))
+    return m, lifted, baked
+
+
+def _choose_loss(out, y: np.ndarray) -> str:
+    binary = y.size > 0 and bool(np.all((y == 0) | (y == 1)))
+    probs = bool(((out >= 0) & (out <= 1)).all())
+    if y.dtype.kind in "biu":
+        if out.ndim >= 1 and out.shape[-1] > 1 and tuple(out.shape[:-1]) == y.shape:
+            return "ce"
+        if out.numel() == y.size and binary and probs:
+            return "bce"
+    elif out.numel() == y.size:
+        return "bce" if binary and probs else "mse"
+    raise LrcError(f"--loss auto: cannot pair an output of shape {list(out.shape)} with {y.dtype} labels of shape "
+                   f"{list(y.shape)}; pass --loss bce|ce|mse with matching labels")
+
+
+def _loss(kind: str, out, y: np.ndarray):
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(y))
+    if kind == "ce":
+        if y.dtype.kind not in "biu" or tuple(out.shape[:-1]) != y.shape:
+            raise LrcError(f"--loss ce: needs integer labels of shape {list(out.shape[:-1])} for logits "
+                           f"{list(out.shape)}, got {y.dtype} {list(y.shape)}")
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), t.reshape(-1).long())
+    if out.numel() != y.size:
+        raise LrcError(f"--loss {kind}: labels {list(y.shape)} do not match the output {list(out.shape)} element for element")
+    t = t.reshape(out.shape).to(out.dtype)
+    if kind == "bce":
+        return F.binary_cross_entropy(out.clamp(_EPS, 1 - _EPS), t)
+    return F.mse_loss(out, t)
+
+
+def collect_fisher(
+    model: onnx.ModelProto,
+    weight_names: list[str],
+    batches: Iterable[dict[str, np.ndarray]],
+    labels: Iterable[np.ndarray] | np.ndarray,
+    *,
+    loss: str = "auto",
+    output: str | None = None,
+    progress: bool = False,
+    total: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Empirical Fisher ``sum_b (dL_b/dW)^2`` of each named constant weight (see the module doc).
+
+    Args:
+        model: the ONNX model (not modified).
+        weight_names: initializer names (or other constant tensors: Constant outputs, folded
+            Transposes); duplicates are collected once.
+        batches: feed dicts (``iter_calibration``).
+        labels: label batches aligned with ``batches`` (``iter_labels``), or one array of all
+            labels, consumed row by row in the batches' order.
+        loss: ``auto``, ``bce``, ``ce`` or ``mse``.
+        output: the model output the loss reads (default: the first).
+        progress: show a progress bar; ``total`` is its sample count.
+
+    Returns:
+        name -> float64 Fisher in the tensor's stored layout.
+    """
+    if loss not in LOSSES:
+        raise LrcError(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
+    convert = _import_convert()
+    import torch
+
+    outs = [o.name for o in model.graph.output]
+    output = output or outs[0]
+    if output not in outs:
+        raise LrcError(f"--fisher-output {output!r} is not a model output; choose one of {outs}")
+    names = list(dict.fromkeys(weight_names))
+    values = _constant_values(model, names)
+    prepared, lifted, baked = _lift(model, values, output)
+    try:
+        gm = convert(prepared, attach_onnx_mapping=True)
+    except LrcError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an op onnx2torch cannot convert
+        raise LrcError(f"onnx2torch cannot convert this model ({type(e).__name__}: {e})") from None
+    torch.manual_seed(0)
+    gm.eval()
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    by_output = {}
+    for mod in gm.modules():
+        mapping = getattr(mod, "onnx_mapping", None)
+        if mapping is not None and mapping.outputs:
+            by_output[mapping.outputs[0]] = mod
+    params = {w: [next(c.weight for c in by_output[o].modules() if isinstance(c, torch.nn.modules.conv._ConvNd))
+                  for o in outs_] for w, outs_ in baked.items()}
+    for ps in params.values():
+        for p in ps:
+            p.requires_grad_(True)
+    leaves = {w: torch.from_numpy(np.array(values[w], order="C")).requires_grad_(True) for w in lifted}
+    tracked = {w: ([leaves[w]] if w in leaves else []) + params.get(w, []) for w in names}
+    inits = {i.name for i in prepared.graph.initializer}
+    order = [i.name for i in prepared.graph.input if i.name not in inits]
+    by_input = {v: w for w, v in lifted.items()}
+    producer = next((n for n in prepared.graph.node if output in n.output), None)
+    out_index = list(producer.output).index(output) if producer is not None else 0
+
+    fisher = {w: np.zeros(values[w].shape, np.float64) for w in names}
+    all_labels = labels if isinstance(labels, np.ndarray) else None
+    label_iter = None if all_labels is not None else iter(labels)
+    seen, kind = 0, None
+    bar = tqdm(total=total, desc="fisher", unit="sample", disable=not progress, leave=False)
+    for feed in batches:
+        missing = [n for n in order if n not in by_input and n not in feed]
+        if missing:
+            raise LrcError(f"calibration batch lacks model inputs {missing}")
+        rows = int(next(iter(feed.values())).shape[0])
+        if all_labels is not None:
+            y = all_labels[seen:seen + rows]
+        else:
+            y = next(label_iter, None)
+            if y is None:
+                raise LrcError(f"labels ran out after {seen} samples; give one label row per calibration sample")
+        y = np.asarray(y)
+        if y.ndim == 0 or y.shape[0] != rows:
+            raise LrcError(f"labels: batch at sample {seen} has {y.shape[0] if y.ndim else 0} label rows "
+                           f"for {rows} samples; labels must align with the calibration batches")
+        args = [leaves[by_input[n]] if n in by_input else torch.from_numpy(np.ascontiguousarray(feed[n]))
+                for n in order]
+        res = gm(*args)
+        if isinstance(res, (tuple, list)):
+            res = res[out_index]
+        if y.dtype.kind in "biu" and y.ndim == res.ndim > 1 and y.shape[-1] == 1 < res.shape[-1]:
+            y = y[..., 0]  # class ids saved as a column
+        if kind is None:
+            kind = _choose_loss(res.detach(), y) if loss == "auto" else loss
+            log.info("Fisher loss: %s on output %r", kind, output)
+        _loss(kind, res, y).backward()
+        for w, ts in tracked.items():  # a shared weight's gradient is the sum over its uses
+            grads = [t.grad for t in ts if t.grad is not None]
+            if grads:
+                fisher[w] += np.square(sum(g.double() for g in grads).numpy())
+            for t in ts:
+                t.grad = None
+        seen += rows
+        bar.update(rows)
+    bar.close()
+    if seen == 0:
+        raise LrcError("Fisher: the calibration source yielded no samples")
+    return fisher
