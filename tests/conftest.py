@@ -1,5 +1,10 @@
+import os
 import sys
 from pathlib import Path
+
+# Two test workers on two cores: multi-threaded BLAS would oversubscribe the machine, and
+# OpenBLAS's busy-waiting threads then run tens of times slower. Set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest
 

@@ -45,6 +45,10 @@ METHODS: dict[str, MethodInfo] = {
     m.name: m
     for m in (
         MethodInfo("svd", ".svd:factorize_svd", frozenset(), "truncated SVD of the weight (data-free)"),
+        MethodInfo("whiten", ".whiten:factorize_whiten", frozenset({"gram"}), "activation-whitened SVD (SVD-LLM): min ||X(B - AC)||"),
+        MethodInfo("asvd", ".asvd:factorize_asvd", frozenset({"abs_sum"}), "SVD scaled by mean |x|^alpha per input channel (ASVD)"),
+        MethodInfo("fwsvd", ".fwsvd:factorize_fwsvd", frozenset({"fisher"}), "Fisher-weighted SVD, row importance from squared gradients (FWSVD)"),
+        MethodInfo("afm", ".afm:factorize_afm", frozenset({"out_sum", "out_gram"}), "output-feature PCA with mean correction (AFM)"),
     )
 }
 
