@@ -43,6 +43,7 @@ class StatRequest:
     tensor: str
     k: int
     conv: ConvGeometry | None = None
+    lookup: bool = False  # ``tensor`` holds indices into a k-row table: count them
 
     @property
     def groups(self) -> int:
@@ -154,7 +155,8 @@ def collect_stats(
     from .io import write_model
     from .targets.ort import session
 
-    accs = {key: [StatsAccumulator(r.k) for _ in range(r.groups)] for key, r in requests.items()}
+    accs = {key: [StatsAccumulator(r.k) for _ in range(r.groups)] for key, r in requests.items() if not r.lookup}
+    counts = {key: np.zeros(r.k, np.float64) for key, r in requests.items() if r.lookup}
     names = sorted({r.tensor for r in requests.values()})
     seen = kept = 0
     unmasked: set[str] = set()
@@ -172,6 +174,11 @@ def collect_stats(
                 mask = np.asarray(feed[mask_input]) != 0
             for key, req in requests.items():
                 x = outs[req.tensor]
+                if req.lookup:
+                    m = _row_mask(mask, x.shape)
+                    idx = (x[m] if m is not None else x).ravel() % req.k
+                    counts[key] += np.bincount(idx, minlength=req.k)
+                    continue
                 if req.conv is not None:
                     for i in range(x.shape[0]):  # one image at a time bounds the im2col copy
                         for acc, rows in zip(accs[key], im2col(x[i:i + 1], req.conv)):
@@ -191,9 +198,12 @@ def collect_stats(
     if seen == 0:
         raise LrcError("--calib: the calibration source yielded no samples")
     info = {"samples": seen, "mask_input": mask_input, "mask_kept_rows": kept if mask_input else None,
-            "stats_bytes": int(sum(a.nbytes for group in accs.values() for a in group)),
-            "unmasked_tensors": sorted(unmasked), "layers": len(accs)}
-    return {key: [a.result() for a in group] for key, group in accs.items()}, info
+            "stats_bytes": int(sum(a.nbytes for group in accs.values() for a in group)
+                               + sum(c.nbytes for c in counts.values())),
+            "unmasked_tensors": sorted(unmasked), "layers": len(accs) + len(counts)}
+    out = {key: [a.result() for a in group] for key, group in accs.items()}
+    out.update({key: [LayerStats(count=int(c.sum()), in_sum=c, abs_sum=c.copy())] for key, c in counts.items()})
+    return out, info
 
 
 def default_mask_input(model: onnx.ModelProto) -> str | None:

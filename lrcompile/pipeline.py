@@ -22,7 +22,7 @@ from . import __version__
 from .config import CompileConfig
 from .errors import LrcError, VerificationFailed
 from .factorize import METHODS, Factorization, LayerStats, RankPolicy, break_even_rank, factorize
-from .factorize.derive import with_output_stats
+from .factorize.derive import onehot_output_stats, with_output_stats
 from .io import atomic_output, commit, load_model, same_file, write_model
 from .ir import Candidate, ConstantResolver, Decline, RewriteContext, Namer, node_label
 from .report import LayerRecord, sha256, totals
@@ -113,6 +113,8 @@ def stat_request(cand: Candidate):
         return None
     geo = cand.details.get("geometry")
     k = cand.matrices[0].shape[0]
+    if cand.details.get("lookup"):
+        return f"{cand.activation}|lookup{k}", StatRequest(cand.activation, k, lookup=True)
     if geo is not None:
         return f"{cand.activation}|{geo}", StatRequest(cand.activation, k, geo)
     return cand.activation, StatRequest(cand.activation, k)
@@ -136,6 +138,12 @@ def _stats_for(cand: Candidate, method: str, stats: dict[str, list[LayerStats]] 
     st = stats.get(req[0]) if stats and req else None
     if st is None:
         return "svd", none, f"no activation statistics for this {cand.node.op} input: plain SVD"
+    if cand.details.get("lookup"):  # one-hot rows: G = diag(counts)
+        if needs & {"out_sum", "out_gram"}:
+            return method, [onehot_output_stats(st[0], cand.matrices[0])], ""
+        if "gram" in needs:
+            return "rowfreq", st, "lookups: whitening by one-hot rows = frequency-weighted SVD"
+        return method, st, ""
     if needs & {"out_sum", "out_gram"}:
         st = [with_output_stats(s, m) for s, m in zip(st, cand.matrices)]
     return method, st, ""

@@ -32,8 +32,9 @@ class GatherPass:
         axis = int(node.attrs.get("axis", 0))
         if axis not in (0, -2):
             return Decline(node, self.name, f"Gather along axis {axis}; only row lookups (axis 0) are factorized", e.shape)
+        # Calibration sees the lookups: one-hot rows whose Gram is diag(lookup counts).
         return Candidate(node=node, pass_name=self.name, weight_key=rt.source, matrices=[np.ascontiguousarray(e)],
-                         activation=None, details={"indices": node.inputs[1].name})
+                         activation=node.inputs[1].name, details={"lookup": True})
 
     def rewrite(self, graph: gs.Graph, cand: Candidate, facts: list[Factorization], ctx: RewriteContext) -> None:
         (f,) = facts

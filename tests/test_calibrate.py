@@ -126,3 +126,25 @@ def test_im2col_rows_reproduce_conv(kw, geo):
     outs = [rows @ w[i * og:(i + 1) * og].reshape(og, -1).T for i, rows in enumerate(im2col(x, geo))]
     got = np.concatenate(outs, 1).reshape(2, y.shape[2], y.shape[3], -1).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(got, y, rtol=1e-5, atol=1e-5)
+
+
+def test_lookup_counts_and_rowfreq_equals_whitening_by_one_hot_rows(tmp_path):
+    from lrcompile.factorize import RankPolicy, factorize
+    from lrcompile.factorize.types import LayerStats
+
+    v, d = 50, 12
+    table = trained_like(v, d, 4)
+    m = make_model([helper.make_node("Gather", ["E", "ids"], ["y"], name="emb")],
+                   [vi("ids", ["b", 6], TensorProto.INT64)], [vi("y", ["b", 6, d])], [("E", table)])
+    ids = RNG.zipf(1.5, (40, 6)).clip(max=v) - 1
+    np.savez(tmp_path / "c.npz", ids=ids.astype(np.int64))
+    reqs = {"k": StatRequest("ids", v, lookup=True)}
+    stats, _ = collect_stats(m, reqs, iter_calibration(CalibSource(str(tmp_path / "c.npz"), batch_size=7), m))
+    counts = stats["k"][0].in_sum
+    np.testing.assert_array_equal(counts, np.bincount(ids.ravel(), minlength=v))
+    # rowfreq == whitened SVD with the one-hot Gram diag(counts + smoothing*mean)
+    pol = RankPolicy(rank=5, multiple=1)
+    f = factorize(table, pol, "rowfreq", LayerStats(count=int(counts.sum()), in_sum=counts), smoothing=0.1)
+    g = np.diag(counts + 0.1 * counts.mean())
+    w = factorize(table, pol, "whiten", LayerStats(count=int(counts.sum()), gram=g), damping=0.0)
+    np.testing.assert_allclose(f.a @ f.c, w.a @ w.c, rtol=1e-6, atol=1e-6)

@@ -19,3 +19,14 @@ def with_output_stats(stats: LayerStats, b: np.ndarray) -> LayerStats:
     b64 = np.asarray(b, np.float64)
     out_gram = b64.T @ stats.gram @ b64
     return replace(stats, out_sum=stats.in_sum @ b64, out_gram=0.5 * (out_gram + out_gram.T))
+
+
+def onehot_output_stats(stats: LayerStats, table: np.ndarray) -> LayerStats:
+    """Output statistics of an embedding lookup ``y = E[idx]``: ``stats.in_sum`` holds the lookup
+    counts ``c``, so ``sum y = c @ E`` and ``Y^T Y = E^T diag(c) E``."""
+    if stats.in_sum is None:
+        raise ValueError("embedding output statistics need the lookup counts (in_sum)")
+    e = np.asarray(table, np.float64)
+    c = np.asarray(stats.in_sum, np.float64)
+    out_gram = e.T @ (c[:, None] * e)
+    return replace(stats, out_sum=c @ e, out_gram=0.5 * (out_gram + out_gram.T))
