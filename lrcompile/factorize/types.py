@@ -135,7 +135,11 @@ class Factorization:
 
 
 def round_rank(r: float, multiple: int, *, up: bool, cap: int) -> int:
-    """Round ``r`` to a multiple of ``multiple`` (up or down), within ``[1, cap]``."""
+    """Round ``r`` to a multiple of ``multiple`` (up or down), within ``[1, cap]``.
+
+    Rounding down never exceeds the budget ``r``: a layer whose budget is under one multiple
+    (a small layer) keeps ``floor(r)`` unrounded rather than being pushed up to ``multiple``.
+    """
     if multiple <= 1:
         out = math.ceil(r) if up else math.floor(r)
     elif up:
@@ -143,5 +147,5 @@ def round_rank(r: float, multiple: int, *, up: bool, cap: int) -> int:
     else:
         out = int(math.floor(r / multiple) * multiple)
         if out < 1:
-            out = min(multiple, cap)
+            out = math.floor(r)
     return int(max(1, min(out, cap)))

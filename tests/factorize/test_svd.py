@@ -153,7 +153,9 @@ def test_ratio_rounds_down_to_multiple():
     assert choose_rank(RankPolicy(ratio=0.5, multiple=1), S, 100.0, 64, 64) == 16
     assert choose_rank(RankPolicy(ratio=0.3, multiple=1), S, 100.0, 64, 64) == 9
     assert choose_rank(RankPolicy(ratio=0.3, multiple=8), S, 100.0, 64, 64) == 8
-    assert choose_rank(RankPolicy(ratio=0.01, multiple=8), S, 100.0, 64, 64) == 8  # never 0
+    assert choose_rank(RankPolicy(ratio=0.01, multiple=8), S, 100.0, 64, 64) == 1  # never 0
+    # a budget under one multiple (small layer) keeps floor(budget): never over budget
+    assert choose_rank(RankPolicy(ratio=0.2, multiple=8), S, 100.0, 64, 64) == 6
     assert choose_rank(RankPolicy(ratio=0.01, multiple=1), S, 100.0, 64, 64) == 1
 
 
