@@ -207,35 +207,42 @@ def inspect_cmd(model, ratio, min_params, as_json, verbose, quiet):
     _run(go)
 
 
-
 @main.command("bench")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--config", "configs", multiple=True, metavar="'METHOD:KEY=V1,V2[;KEY=V]'",
               help="Configurations, e.g. 'svd:ratio=0.9,0.7,0.5' (repeatable; default: every method that "
                    "can run, at ratio 0.9, 0.7, 0.5).")
-@click.option("--eval", "eval_feed", type=click.Path(path_type=Path), help="Evaluation feed .npz (default: the build folder's).")
-@click.option("--reference", type=click.Path(path_type=Path), help="The original's outputs on it .npz (default: computed).")
+@click.option("--eval", "eval_feed", type=click.Path(path_type=Path),
+              help="Evaluation feed .npz (default: the build folder's).")
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="The original's outputs on the eval feed, .npz (default: the build folder's, else computed).")
 @click.option("--labels", type=click.Path(path_type=Path), help="Labels .npy aligned with the eval rows.")
-@click.option("--metric", type=click.Choice(["cosine", "top1", "auc"]), help="Task metric (default: meta.json's, else cosine).")
+@click.option("--metric", type=click.Choice(["cosine", "top1", "auc"]),
+              help="Task metric (default: meta.json's task, else cosine).")
 @click.option("--output-name", help="The scored output (default: meta.json's, else the first output).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration data for data-aware methods.")
+@click.option("--calib-labels", type=click.Path(path_type=Path), help="Labels of the calibration rows (.npy; fwsvd).")
 @click.option("--eval-rows", type=int, help="Score only the first N eval rows.")
 @click.option("--only", help="Comma-separated op types for every configuration (e.g. MatMul).")
 @click.option("--min-params", type=int, help="--min-params for every configuration.")
-@click.option("--latency/--no-latency", default=True, show_default=True, help="ORT CPU latency, original vs compressed.")
+@click.option("--latency/--no-latency", default=True, show_default=True,
+              help="ORT CPU latency, original vs compressed.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Small latency batch.")
 @click.option("--large-batch", type=int, default=64, show_default=True, help="Large latency batch.")
 @click.option("--warmup", type=int, default=3, show_default=True)
-@click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per model and batch (median).")
+@click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per model at --batch (median).")
+@click.option("--large-repeats", type=int, help="Timed runs per model at the large batch (default: --repeats).")
 @click.option("--trt/--no-trt", default=True, show_default=True, help="Build TensorRT engines (size, success).")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNGs (needs matplotlib).")
-@click.option("--rank-config", help="Configuration label whose per-layer ranks are plotted (default: the last).")
+@click.option("--rank-config", help="Configuration label whose per-layer ranks are plotted "
+              "(default: the last whiten one, else the last).")
 @click.option("--keep-models", is_flag=True, help="Keep the compressed models in OUT/models.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("-v", "--verbose", count=True)
 @click.option("-q", "--quiet", is_flag=True)
-def bench_cmd(target, configs, eval_feed, reference, labels, metric, output_name, calib, eval_rows, only, min_params,
-              latency, batch, large_batch, warmup, repeats, trt, plots, rank_config, keep_models, out, verbose, quiet):
+def bench_cmd(target, configs, eval_feed, reference, labels, metric, output_name, calib, calib_labels, eval_rows, only,
+              min_params, latency, batch, large_batch, warmup, repeats, large_repeats, trt, plots, rank_config,
+              keep_models, out, verbose, quiet):
     """Measure compression configurations of TARGET (a models/build.py folder, or a model with --eval):
     params, FLOPs, size, task metric, ORT latency, TensorRT build; writes results.json/csv and PNGs."""
     _setup_logging(verbose, quiet)
@@ -244,11 +251,11 @@ def bench_cmd(target, configs, eval_feed, reference, labels, metric, output_name
         from .bench import load_dataset, method_availability, parse_config, results_table, run_bench
 
         ds = load_dataset(target, eval_feed=eval_feed, reference=reference, labels=labels, metric=metric,
-                          calib=calib, output=output_name, rows=eval_rows)
+                          calib=calib, calib_labels=calib_labels, output=output_name, rows=eval_rows)
         if configs:
             cfgs = [c for text in configs for c in parse_config(text)]
         else:
-            methods, skipped = method_availability(ds.calib is not None)
+            methods, skipped = method_availability(ds.calib is not None, ds.calib_labels is not None)
             for m, why in skipped.items():
                 log.warning("skipping method %s: %s", m, why)
             cfgs = [c for m in methods for c in parse_config(f"{m}:ratio=0.9,0.7,0.5")]
@@ -258,8 +265,8 @@ def bench_cmd(target, configs, eval_feed, reference, labels, metric, output_name
         if min_params is not None:
             common["min_params"] = min_params
         res = run_bench(ds, cfgs, out, common=common, latency=latency, batch=batch, large_batch=large_batch,
-                        warmup=warmup, repeats=repeats, trt=trt, plots=plots, rank_config=rank_config,
-                        keep_models=keep_models, progress=not quiet)
+                        warmup=warmup, repeats=repeats, large_repeats=large_repeats, trt=trt, plots=plots,
+                        rank_config=rank_config, keep_models=keep_models, progress=not quiet)
         click.echo(f"{res['model']} ({res['task']}, {res['settings']['eval_rows']} eval rows; "
                    f"primary metric {res['primary']})")
         click.echo(results_table(res))
