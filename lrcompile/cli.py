@@ -148,6 +148,9 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, no_verify, d
                 exclude=tuple(exclude), include=tuple(include), layer_methods=tuple(layer_methods),
                 method_options=_parse_options(method_options),
             )
+            if cfg.calib and not cfg.inputs and cfg.verify:
+                log.warning("verifying on random inputs: data-aware factorization is tuned to the calibration "
+                            "data, so random inputs overstate its error; pass --inputs with held-out real data")
             if cfg.calib is None and cfg.method is None:
                 log.warning("no --calib data: plain SVD of the weights; trained weights are rarely low-rank, "
                             "so pass --calib for data-aware factorization")

@@ -149,8 +149,21 @@ def _stats_for(cand: Candidate, method: str, stats: dict[str, list[LayerStats]] 
     return method, st, ""
 
 
+#: Below this many weight elements BLAS runs single-threaded: small SVDs gain little from threads,
+#: and on a busy machine OpenBLAS's spinning threads made them tens of times slower (measured).
+SINGLE_THREAD_BELOW = 2048 * 2048
+
+
 def _factorize_candidate(cand: Candidate, config: CompileConfig, policy: RankPolicy, method: str,
                          st: list[LayerStats | None]) -> list[Factorization]:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1 if cand.matrices[0].size < SINGLE_THREAD_BELOW else None, user_api="blas"):
+        return _factorize_groups(cand, config, policy, method, st)
+
+
+def _factorize_groups(cand: Candidate, config: CompileConfig, policy: RankPolicy, method: str,
+                      st: list[LayerStats | None]) -> list[Factorization]:
     opts = {"solver": config.solver, "seed": config.seed, **config.method_options}
     facts = [factorize(m, policy, method, s, **opts) for m, s in zip(cand.matrices, st)]
     r = max(f.rank for f in facts)
