@@ -165,3 +165,36 @@ def test_subgraph_nodes_declined_with_reason(tmp_path):
     assert rows["inner"].decision == "declined" and "If body" in rows["inner"].reason
     feeds = {"x": _x(2, 32), "c": np.array(True)}
     assert_lossless(src, res.output, feeds)
+
+
+@pytest.mark.parametrize("opset", [11, 13, 23])
+def test_opsets_11_to_23(tmp_path, opset):
+    w1, w2 = trained_like(32, 48, 12), trained_like(48, 24, 13)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm"),
+             helper.make_node("Gemm", ["h", "W2"], ["y"], name="gemm", transB=0)]
+    src = save(make_model(nodes, [vi("x", [3, 32])], [vi("y", [3, 24])], [("W1", w1), ("W2", w2)], opset=opset),
+               tmp_path / f"o{opset}.onnx")
+    res = compile_full(src, tmp_path)
+    assert onnx.load(str(res.output)).opset_import[0].version == opset
+    assert_lossless(src, res.output, {"x": _x(3, 32)})
+
+
+@pytest.mark.trt
+def test_compressed_helper_models_build_trt_engines(tmp_path):
+    """Every rewrite's output builds into a TensorRT engine (tensorrt-rtx on the CPU)."""
+    from lrcompile.targets.trt import build_engine
+
+    wr, wl, wg = trained_like(32, 24, 3), trained_like(20, 16, 4), trained_like(20, 24, 5)
+    conv_w = RNG.standard_normal((16, 4, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "Wr"], ["h"], name="right"),
+             helper.make_node("MatMul", ["Wl", "h"], ["h2"], name="left"),
+             helper.make_node("Gemm", ["h2", "Wg", "bg"], ["y"], name="gemm", transA=1, transB=1, alpha=0.5, beta=2.0),
+             helper.make_node("Conv", ["img", "Wc"], ["z"], name="conv", group=2, strides=[2, 2], pads=[1, 1, 1, 1])]
+    inits = [("Wr", wr), ("Wl", wl), ("Wg", wg.T.copy()), ("bg", _x(24)), ("Wc", conv_w)]
+    m = make_model(nodes, [vi("x", [16, 32]), vi("img", [1, 8, 9, 9])], [vi("y", [24, 24]), vi("z", [1, 16, 5, 5])],
+                   inits)
+    src = save(m, tmp_path / "all.onnx")
+    res = compile_full(src, tmp_path)
+    assert {r.node for r in res.layers if r.decision == "factorized"} == {"right", "left", "gemm", "conv"}
+    info = build_engine(res.output, tmp_path / "all.engine")
+    assert info["engine_bytes"] > 0 and (tmp_path / "all.engine").stat().st_size == info["engine_bytes"]
