@@ -184,3 +184,34 @@ def test_user_inputs_npz_and_polygraphy_json(tmp_path, mlp):
     rep = json.loads((tmp_path / "b.json").read_text())
     assert rep["verification"]["feeds"]["batches"] == 2
     assert rep["verification"]["outputs"][0]["shape"] == [4, 64]
+
+
+def test_target_ort_reports_latency_and_writes_optimized_model(tmp_path, mlp):
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    r = cli(mlp, "-o", out, "--target", "ort", "--rank", "32", "--report", rep)
+    assert r.returncode == 0, r.stderr
+    assert "ORT latency" in r.stdout and "speedup" in r.stdout
+    lat = json.loads(rep.read_text())["target"]["latency"]
+    assert lat["original"]["median_ms"] > 0 and lat["compressed"]["median_ms"] > 0
+    assert (tmp_path / "o.ort.onnx").is_file()
+
+
+@pytest.mark.trt
+def test_target_trt_fp16_with_shapes(tmp_path, mlp):
+    out = tmp_path / "o.onnx"
+    r = cli(mlp, "-o", out, "--target", "trt", "--rank", "32", "--fp16", "--shapes", "x:[1,128],[4,128],[8,128]", "-q")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "o.engine").stat().st_size > 0 and out.is_file()
+
+
+def test_exclude_and_only_select_nodes(tmp_path, mlp):
+    rep = tmp_path / "r.json"
+    r = cli(mlp, "-o", tmp_path / "o.onnx", "--rank", "32", "--exclude", "^fc2$", "--report", rep, "-q")
+    assert r.returncode == 0, r.stderr
+    layers = {x["node"]: x for x in json.loads(rep.read_text())["layers"]}
+    assert layers["fc1"]["decision"] == "factorized"
+    assert layers["fc2"]["decision"] == "declined" and "--exclude" in layers["fc2"]["reason"]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "o.onnx")).graph.node]
+    assert ops.count("MatMul") == 3
+    r = cli(mlp, "-o", tmp_path / "p.onnx", "--rank", "32", "--only", "Gemm", "-q")
+    one_line_error(r, match="every candidate was declined")
