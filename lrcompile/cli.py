@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .errors import LrcError
+from .errors import LrcError, VerificationFailed
 
 log = logging.getLogger("lrcompile")
 
@@ -158,7 +158,10 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, no_verify, d
             raise LrcError(f"--report {report}: use a .json path")
         try:
             res = compile_model(model, output, cfg, progress=not quiet)
-        except LrcError:
+        except VerificationFailed as e:
+            if report is not None and e.result is not None:
+                Path(report).write_text(to_json(e.result.report))
+            click.echo("FAILED")
             raise
         if not quiet:
             click.echo(layers_table(res.layers))

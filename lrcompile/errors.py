@@ -18,6 +18,13 @@ class LrcError(Exception):
 
 
 class VerificationFailed(LrcError):
-    """The compressed model's outputs differ from the original's by more than the tolerance."""
+    """The compressed model's outputs differ from the original's by more than the tolerance.
+
+    ``result`` holds the run's CompileResult (its report says what failed; nothing was written).
+    """
 
     exit_code = 3
+
+    def __init__(self, message: str, *, result=None) -> None:
+        super().__init__(message)
+        self.result = result

@@ -296,7 +296,7 @@ def check_model(path: Path, original_path: Path) -> list[str]:
     return notes
 
 
-def default_output(input_path: Path, target: str) -> Path:
+def default_output(input_path: Path) -> Path:
     return input_path.with_name(input_path.stem + ".lr.onnx")
 
 
@@ -307,7 +307,7 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     src = Path(input_path)
     t = {"start": time.perf_counter()}
     model = load_model(src)
-    out = Path(output) if output is not None else default_output(src, config.target)
+    out = Path(output) if output is not None else default_output(src)
     if out.suffix != ".onnx":
         raise LrcError(f"output {out} must end in .onnx (the engine is written beside it for --target trt)")
     if same_file(src, out):
@@ -364,25 +364,9 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
             diffs = [d.to_dict() for d in compare(src, tmp / out.name, feeds_list)]
             t["verify"] = time.perf_counter()
         status, failures = _judge(diffs, config)
-        if config.target == "ort" and status != "FAILED":
-            from .targets import ort as ort_target
-
-            target_info["latency"] = ort_target.compare_latency(src, tmp / out.name, feeds_list[0])
-            opt = tmp / (out.stem + ".ort.onnx")
-            ort_target.save_optimized(tmp / out.name, opt)
-            files.append(opt)
-            target_info["optimized_model"] = str(out.parent / opt.name)
-        if config.target == "trt" and status != "FAILED":
-            from .targets import trt as trt_target
-
-            engine = tmp / (out.stem + ".engine")
-            opts = trt_target.TrtOptions(fp16=config.fp16, sparse_weights=config.sparse_weights,
-                                         shapes=trt_target.parse_shapes(config.shapes) if config.shapes else None)
-            target_info["engine"] = trt_target.build_engine(
-                tmp / out.name, engine, opts,
-                default_shapes={k: tuple(v.shape) for k, v in feeds_list[0].items()})
-            files.append(engine)
-            target_info["engine"]["path"] = str(out.parent / engine.name)
+        if status != "FAILED":
+            target_info, extra = _build_target(config, src, tmp / out.name, out.parent, feeds_list)
+            files += extra
         t["target"] = time.perf_counter()
         committed = commit(files, out.parent) if status != "FAILED" else []
     result = CompileResult(
@@ -394,8 +378,32 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     result.report["calibration"] = calib_info
     if status == "FAILED":
         raise VerificationFailed("verification FAILED: " + "; ".join(failures)
-                                 + " (no output written; relax the rank policy or the tolerance)")
+                                 + " (no output written; relax the rank policy or the tolerance)", result=result)
     return result
+
+
+def _build_target(config: CompileConfig, src: Path, model_path: Path, dest_dir: Path,
+                  feeds_list: list[dict[str, np.ndarray]]) -> tuple[dict, list[Path]]:
+    """The ``ort`` / ``trt`` target's extra work on the checked model in its temporary folder:
+    returns the report's target section and the extra files to move beside the output."""
+    stem = model_path.stem
+    if config.target == "ort":
+        from .targets import ort as ort_target
+
+        opt = model_path.with_name(stem + ".ort.onnx")
+        ort_target.save_optimized(model_path, opt)
+        return {"latency": ort_target.compare_latency(src, model_path, feeds_list[0]),
+                "optimized_model": str(dest_dir / opt.name)}, [opt]
+    if config.target == "trt":
+        from .targets import trt as trt_target
+
+        engine = model_path.with_name(stem + ".engine")
+        opts = trt_target.TrtOptions(fp16=config.fp16, sparse_weights=config.sparse_weights,
+                                     shapes=trt_target.parse_shapes(config.shapes) if config.shapes else None)
+        info = trt_target.build_engine(model_path, engine, opts,
+                                       default_shapes={k: tuple(v.shape) for k, v in feeds_list[0].items()})
+        return {"engine": {**info, "path": str(dest_dir / engine.name)}}, [engine]
+    return {}, []
 
 
 def _calibrate(model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *, progress: bool

@@ -67,8 +67,15 @@ def test_tolerance_failure_exit_code_and_no_output(tmp_path, mlp):
     out = tmp_path / "o.onnx"
     r = cli(mlp, "-o", out, "--rank", "8", "--tolerance", "1e-6", "-q")
     one_line_error(r, code=3, match="--tolerance")
+    assert r.stdout.strip().splitlines()[-1] == "FAILED"
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["mlp.onnx"]
+    # the report still says what failed
+    rep = tmp_path / "r.json"
+    r = cli(mlp, "-o", out, "--rank", "8", "--tolerance", "1e-6", "-q", "--report", rep)
+    assert r.returncode == 3 and not out.exists()
+    report = json.loads(rep.read_text())
+    assert report["status"] == "FAILED" and report["output"] is None
 
 
 @pytest.mark.parametrize("content,match", [
