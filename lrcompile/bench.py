@@ -139,6 +139,8 @@ def method_availability(has_calib: bool, has_labels: bool = False) -> tuple[list
 
     ok, skipped = [], {}
     for name, info in METHODS.items():
+        if info.internal:
+            continue
         extra = set(info.needs) - ACTIVATION_STATS - {"fisher"}
         if extra:
             skipped[name] = f"needs {', '.join(sorted(extra))}, which bench does not provide"

@@ -99,8 +99,9 @@ class CompileConfig:
         if self.target not in TARGETS:
             raise LrcError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
         for m in [self.method] + [lm.rpartition("=")[2] for lm in self.layer_methods]:
-            if m is not None and m not in METHODS:
-                raise LrcError(f"unknown method {m!r}; choose one of {', '.join(sorted(METHODS))}")
+            if m is not None and (m not in METHODS or METHODS[m].internal):
+                public = sorted(k for k, v in METHODS.items() if not v.internal)
+                raise LrcError(f"unknown method {m!r}; choose one of {', '.join(public)}")
         for lm in self.layer_methods:
             pat, sep, _ = lm.rpartition("=")
             if not sep or not pat:

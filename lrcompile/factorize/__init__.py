@@ -28,12 +28,15 @@ class MethodInfo:
         target: ``"module:function"`` implementing it (imported lazily).
         needs: the LayerStats fields it requires (empty: data-free).
         summary: one line for ``--help`` and reports.
+        internal: chosen by the pipeline for a kind of layer, not selectable by users
+            (``rowfreq`` is what ``whiten`` becomes on an embedding lookup).
     """
 
     name: str
     target: str
     needs: frozenset[str]
     summary: str
+    internal: bool = False
 
     def load(self) -> Callable[..., Factorization]:
         mod, fn = self.target.split(":")
@@ -49,7 +52,7 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("asvd", ".asvd:factorize_asvd", frozenset({"abs_sum"}), "SVD scaled by mean |x|^alpha per input channel (ASVD)"),
         MethodInfo("fwsvd", ".fwsvd:factorize_fwsvd", frozenset({"fisher"}), "Fisher-weighted SVD, row importance from squared gradients (FWSVD)"),
         MethodInfo("afm", ".afm:factorize_afm", frozenset({"out_sum", "out_gram"}), "output-feature PCA with mean correction (AFM)"),
-        MethodInfo("rowfreq", ".embedding:factorize_rowfreq", frozenset({"in_sum"}), "embedding table whitened by lookup frequency (whiten on one-hot rows)"),
+        MethodInfo("rowfreq", ".embedding:factorize_rowfreq", frozenset({"in_sum"}), "embedding table whitened by lookup frequency (whiten on one-hot rows)", internal=True),
     )
 }
 
