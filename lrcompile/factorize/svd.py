@@ -137,13 +137,19 @@ def singular_values(
             values are lower bounds of the true ones.
         seed: seed of the randomized solver.
     """
+    m = _check_matrix(m)
     if rank is not None:
-        return _truncated_svd(m, rank, solver, seed, None, None)[1][:rank]
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        rank = min(int(rank), *m.shape)
+        if _pick_solver(solver, m.shape, rank + default_oversample(rank)) == "randomized":
+            return _truncated_svd(m, rank, "randomized", seed, None, None)[1]
     a = _as_float(m, np.float64)
     try:
-        return sla.svdvals(a, check_finite=False)
+        s = sla.svdvals(a, check_finite=False)
     except np.linalg.LinAlgError:
-        return sla.svd(a, compute_uv=False, lapack_driver="gesvd", check_finite=False)
+        s = sla.svd(a, compute_uv=False, lapack_driver="gesvd", check_finite=False)
+    return s if rank is None else s[:rank]
 
 
 def _truncated_svd(m, rank, solver, seed, oversample, power_iters):
@@ -507,7 +513,8 @@ def factorize_svd(
     else:
         err2 = _residual_sq_norm(b, a, c) / total if total > 0 else 0.0
     rel = math.sqrt(max(err2, 0.0))
-    info.update(svd_seconds=info.pop("seconds"), seconds=time.perf_counter() - t0, balanced=balanced)
+    info.update(requested_solver=solver, svd_seconds=info.pop("seconds"), seconds=time.perf_counter() - t0,
+                balanced=balanced)
     return Factorization(
         a=a,
         c=c,
