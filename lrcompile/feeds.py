@@ -10,7 +10,6 @@ Generated feeds (the distribution is stated in the report):
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +155,3 @@ def check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], source: st
 
 def describe(feeds: dict[str, np.ndarray]) -> dict:
     return {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()}
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)
