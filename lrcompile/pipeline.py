@@ -1,6 +1,10 @@
 """The compile pipeline. Data flows one way:
 
-    load -> find candidates -> factorize (numpy) -> rewrite -> clean up -> check -> verify -> save/build
+    load -> find candidates -> (calibrate) -> factorize (numpy) -> rewrite -> clean up -> check
+         -> verify -> save/build
+
+With ``sequential`` calibration the middle three run per stage (candidates sharing an input),
+each stage calibrated on the model as rewritten so far.
 
 Nothing here prints: progress goes through tqdm (stderr) and the result comes back as a
 ``CompileResult`` that the CLI renders.
@@ -28,9 +32,6 @@ from .ir import Candidate, ConstantResolver, Decline, RewriteContext, Namer, nod
 from .report import LayerRecord, sha256, totals
 
 log = logging.getLogger(__name__)
-
-SUBGRAPH_OPS = ("If", "Loop", "Scan")
-
 
 @dataclass
 class Analysis:
