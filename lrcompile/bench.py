@@ -284,7 +284,8 @@ def run_outputs(path: Path, feed: dict[str, np.ndarray], output: str, batch_size
     sess = session(path, PROVIDERS)
     n = len(next(iter(feed.values())))
     chunks = [sess.run([output], {k: v[i:i + batch_size] for k, v in feed.items()})[0]
-              for i in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False, disable=not progress)]
+              for i in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False,
+                            disable=None if progress else True)]
     return np.concatenate(chunks)
 
 
@@ -468,7 +469,7 @@ def run_bench(ds: Dataset, configs: list[BenchConfig], out: str | Path, *, commo
             orig.update(_trt(ds.model, shapes_big, work / "original.engine"))
         rows = [orig]
         layers: dict[str, list[dict]] = {}
-        bar = tqdm(configs, desc=f"bench {ds.name}", unit="config", disable=not progress)
+        bar = tqdm(configs, desc=f"bench {ds.name}", unit="config", disable=None if progress else True)
         for cfg in bar:
             bar.set_postfix_str(cfg.label)
             row = {"config": cfg.label, "method": cfg.method, **dict(cfg.options)}

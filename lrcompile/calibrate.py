@@ -164,7 +164,7 @@ def collect_stats(
         path = Path(tmp) / "calib.onnx"
         write_model(_with_outputs(model, names), path)
         sess = session(path, ["CPUExecutionProvider"])
-        bar = tqdm(total=total, desc="calibrate", unit="sample", disable=not progress, leave=False)
+        bar = tqdm(total=total, desc="calibrate", unit="sample", disable=None if progress else True, leave=False)
         for feed in batches:
             outs = dict(zip(names, sess.run(names, feed)))
             mask = None

@@ -406,7 +406,7 @@ def collect_fisher(
     all_labels = labels if isinstance(labels, np.ndarray) else None
     label_iter = None if all_labels is not None else iter(labels)
     seen, kind = 0, None
-    bar = tqdm(total=total, desc="fisher", unit="sample", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc="fisher", unit="sample", disable=None if progress else True, leave=False)
     for feed in batches:
         missing = [n for n in order if n not in by_input and n not in feed]
         if missing:

@@ -37,7 +37,7 @@ def inspect_model(path, *, ratio: float = 0.5, min_params: int = 4096, progress:
     model = load_model(path)
     analysis = analyze(model, CompileConfig(ratio=ratio, min_params=min_params))
     rows, seen = [], {}
-    for c in tqdm(analysis.candidates, desc="spectra", disable=not progress, leave=False):
+    for c in tqdm(analysis.candidates, desc="spectra", disable=None if progress else True, leave=False):
         row = {"node": c.label, "op": c.node.op, "shape": list(c.matrices[0].shape), "groups": len(c.matrices),
                "weight": c.weight_key, "decision": "candidate", "reason": ""}
         if c.weight_key in seen:

@@ -196,7 +196,7 @@ def plan(cands: list[Candidate], config: CompileConfig, *, stats: dict[str, list
     """Factorize each distinct weight once and decide per candidate."""
     policy = config.policy()
     p = into or Plan()
-    for cand in tqdm(cands, desc="factorize", unit="layer", disable=not progress, leave=False):
+    for cand in tqdm(cands, desc="factorize", unit="layer", disable=None if progress else True, leave=False):
         rec = LayerRecord(node=cand.label, op=cand.node.op, shape=list(cand.matrices[0].shape),
                           decision="factorized", weight=cand.weight_key, groups=len(cand.matrices),
                           params_before=cand.params, break_even=round(break_even_rank(*cand.matrices[0].shape), 2))
@@ -328,7 +328,7 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     if config.calib and config.sequential:
         p, calib_info = Plan(), {"mode": "sequential", "stages": []}
         for stage in tqdm(stages(analysis.graph, analysis.candidates), desc="sequential calibration",
-                          unit="stage", disable=not progress, leave=False):
+                          unit="stage", disable=None if progress else True, leave=False):
             stats = None
             if stage[0].activation is not None:
                 stats, info = _calibrate(export(analysis.graph, model), stage, config, progress=False)
