@@ -171,7 +171,8 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, no_verify, d
                        + (f" ({tot['params_ratio']:.1%})" if tot["params_ratio"] is not None else ""))
             if res.verification:
                 src = res.feeds["source"]
-                click.echo(f"\nverification on {src} inputs ({res.feeds['distribution'] or ''}):")
+                dist = res.feeds["distribution"]
+                click.echo(f"\nverification on {src} inputs" + (f" ({dist})" if dist else "") + ":")
                 click.echo(verification_table(res.verification))
             lat = res.target.get("latency")
             if lat:
