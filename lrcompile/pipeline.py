@@ -26,7 +26,7 @@ from . import __version__
 from .config import CompileConfig
 from .errors import LrcError, VerificationFailed
 from .factorize import METHODS, Factorization, LayerStats, RankPolicy, break_even_rank, factorize
-from .factorize.derive import onehot_output_stats, with_output_stats
+from .factorize.derive import onehot_output_stats, sum_stats, with_output_stats
 from .io import atomic_output, commit, load_model, same_file, write_model
 from .ir import Candidate, ConstantResolver, Decline, RewriteContext, Namer, node_label
 from .report import LayerRecord, sha256, totals
@@ -122,8 +122,12 @@ def stat_request(cand: Candidate):
 
 
 def _stats_for(cand: Candidate, method: str, stats: dict[str, list[LayerStats]] | None,
-               fisher: dict[str, np.ndarray] | None = None) -> tuple[str, list[LayerStats | None], str]:
-    """The method to use for ``cand``, its statistics per group, and a note when it fell back."""
+               fisher: dict[str, np.ndarray] | None = None, sharers: list[Candidate] = ()
+               ) -> tuple[str, list[LayerStats | None], str]:
+    """The method to use for ``cand``, its statistics per group, and a note when it fell back.
+
+    A weight shared by several nodes is calibrated on all their inputs (``sharers``: the nodes
+    with the same weight key), since one factorization serves them all."""
     none = [None] * len(cand.matrices)
     needs = METHODS[method].needs
     if not needs:
@@ -135,8 +139,9 @@ def _stats_for(cand: Candidate, method: str, stats: dict[str, list[LayerStats]] 
         if f is None:
             return "svd", none, "no Fisher information for this weight: plain SVD"
         return method, [LayerStats(count=0, fisher=m) for m in fisher_for_candidate(cand, f)], ""
-    req = stat_request(cand)
-    st = stats.get(req[0]) if stats and req else None
+    keys = dict.fromkeys(r[0] for r in map(stat_request, [cand, *sharers]) if r is not None)
+    found = [stats[k] for k in keys if stats and k in stats]
+    st = [sum_stats(list(groups)) for groups in zip(*found)] if found else None
     if st is None:
         return "svd", none, f"no activation statistics for this {cand.node.op} input: plain SVD"
     if cand.details.get("lookup"):  # one-hot rows: G = diag(counts)
@@ -196,6 +201,9 @@ def plan(cands: list[Candidate], config: CompileConfig, *, stats: dict[str, list
     """Factorize each distinct weight once and decide per candidate."""
     policy = config.policy()
     p = into or Plan()
+    sharers: dict[str, list[Candidate]] = {}
+    for c in cands:
+        sharers.setdefault(c.weight_key, []).append(c)
     for cand in tqdm(cands, desc="factorize", unit="layer", disable=None if progress else True, leave=False):
         rec = LayerRecord(node=cand.label, op=cand.node.op, shape=list(cand.matrices[0].shape),
                           decision="factorized", weight=cand.weight_key, groups=len(cand.matrices),
@@ -209,7 +217,8 @@ def plan(cands: list[Candidate], config: CompileConfig, *, stats: dict[str, list
             facts = p.by_key[key]
             rec.shared_with = p.owner[key]
         else:
-            method, st, rec.reason = _stats_for(cand, config.method_for(cand.label), stats, fisher)
+            method, st, rec.reason = _stats_for(cand, config.method_for(cand.label), stats, fisher,
+                                                sharers[key])
             t0 = time.perf_counter()
             facts = _factorize_candidate(cand, config, policy, method, st)
             rec.seconds = round(time.perf_counter() - t0, 4)

@@ -148,3 +148,28 @@ def test_lookup_counts_and_rowfreq_equals_whitening_by_one_hot_rows(tmp_path):
     g = np.diag(counts + 0.1 * counts.mean())
     w = factorize(table, pol, "whiten", LayerStats(count=int(counts.sum()), gram=g), damping=0.0)
     np.testing.assert_allclose(f.a @ f.c, w.a @ w.c, rtol=1e-6, atol=1e-6)
+
+
+def test_shared_weight_calibrated_on_all_its_inputs(tmp_path):
+    """One weight used by two MatMuls with differently distributed inputs: its whitening uses the
+    sum of both inputs' Grams, the statistics of everything it multiplies."""
+    from onnx import numpy_helper
+
+    from lrcompile.factorize import RankPolicy, factorize
+    from lrcompile.factorize.types import LayerStats
+
+    w = trained_like(24, 24, 5)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["p"], name="a"), helper.make_node("MatMul", ["z", "W"], ["q"], name="b"),
+             helper.make_node("Add", ["p", "q"], ["y"])]
+    src = save(make_model(nodes, [vi("x", ["n", 24]), vi("z", ["n", 24])], [vi("y", ["n", 24])], [("W", w)]),
+               tmp_path / "shared.onnx")
+    x = (RNG.standard_normal((64, 24)) * np.linspace(4, 0.1, 24)).astype(np.float32)
+    z = (RNG.standard_normal((64, 24)) * np.linspace(0.1, 4, 24)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x, z=z)
+    res = lrcompile.compile(src, tmp_path / "o.onnx", method="whiten", calib=str(tmp_path / "c.npz"), rank=6,
+                            multiple=1, min_params=0)
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(res.output)).graph.initializer}
+    a, c = inits["a/lr_A"], inits["a/lr_C"]
+    g = x.astype(np.float64).T @ x + z.astype(np.float64).T @ z
+    want = factorize(w, RankPolicy(rank=6, multiple=1), "whiten", LayerStats(count=128, gram=g))
+    np.testing.assert_allclose(a @ c, want.a @ want.c, rtol=1e-4, atol=1e-5)

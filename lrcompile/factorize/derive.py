@@ -30,3 +30,14 @@ def onehot_output_stats(stats: LayerStats, table: np.ndarray) -> LayerStats:
     c = np.asarray(stats.in_sum, np.float64)
     out_gram = e.T @ (c[:, None] * e)
     return replace(stats, out_sum=c @ e, out_gram=0.5 * (out_gram + out_gram.T))
+
+
+def sum_stats(parts: list[LayerStats]) -> LayerStats:
+    """Statistics of the union of several activation sets (sums add): the input statistics of a
+    weight that several layers share, each seeing its own inputs."""
+    if len(parts) == 1:
+        return parts[0]
+    fields = ("gram", "abs_sum", "in_sum", "out_sum", "out_gram", "fisher")
+    merged = {f: None if any(getattr(p, f) is None for p in parts) else sum(getattr(p, f) for p in parts)
+              for f in fields}
+    return LayerStats(count=sum(p.count for p in parts), **merged)
