@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .metrics import cosine_rows, output_error
+
 log = logging.getLogger(__name__)
 
 
@@ -40,30 +42,17 @@ def run_model(path: str | Path, feeds_list: list[dict[str, np.ndarray]]) -> list
     return [dict(zip(names, sess.run(names, f))) for f in feeds_list]
 
 
-def _cos(a: np.ndarray, b: np.ndarray, axis=None) -> np.ndarray:
-    num = np.sum(a * b, axis=axis)
-    den = np.sqrt(np.sum(a * a, axis=axis) * np.sum(b * b, axis=axis))
-    return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(np.sum((a - b) ** 2, axis=axis) == 0, 1.0, 0.0))
-
-
 def diff_outputs(name: str, got: np.ndarray, ref: np.ndarray) -> OutputDiff:
-    a, b = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    err = np.abs(a - b)
-    max_abs = float(err.max()) if err.size else 0.0
-    scale = float(np.abs(b).max()) if b.size else 0.0
-    nb = float(np.linalg.norm(b))
-    rel_l2 = float(np.linalg.norm(a - b) / nb) if nb > 0 else (0.0 if max_abs == 0 else float("inf"))
+    err = output_error(got, ref)
     s_mean = s_min = None
-    if a.ndim >= 2 and a.shape[0] >= 1:
-        sc = _cos(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), axis=1)
+    if ref.ndim >= 2 and ref.shape[0] >= 1:
+        sc = cosine_rows(got.reshape(got.shape[0], -1), ref.reshape(ref.shape[0], -1))
         s_mean, s_min = float(sc.mean()), float(sc.min())
     return OutputDiff(
         name=name,
         shape=tuple(ref.shape),
-        max_abs=max_abs,
-        max_rel=max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")),
-        rel_l2=rel_l2,
-        cosine=float(_cos(a.ravel(), b.ravel())),
+        **err,
+        cosine=float(cosine_rows(got.reshape(1, -1), ref.reshape(1, -1))[0]),
         sample_cosine_mean=s_mean,
         sample_cosine_min=s_min,
     )

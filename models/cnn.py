@@ -105,5 +105,5 @@ def cnn_digits(seed: int, fast: bool = False) -> Built:
               "eval": "test (all of it)", "calib": f"train[:{N_CALIB}]"},
         extra={"training": {"optimizer": "Adam lr 1e-3, batch 64, cross-entropy", "epochs": epochs,
                             "train_rows": len(train_rows), "seconds": round(train_s, 1), "log": log},
-               "torch_test": {"top1": metrics.top1(y[test_rows], torch_logits)}},
+               "torch_test": {"top1": metrics.top1_accuracy(torch_logits, y[test_rows])}},
     )

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+# The metric math is the installed package's (one definition for builders, bench and tests).
+from lrcompile.metrics import cosine_stats, logloss, roc_auc, top1_accuracy, top1_agreement  # noqa: F401
+
 #: What each metric key means; builders copy the relevant ones into meta.json.
 DEFINITIONS = {
     "cosine_mean": "mean over rows of cos(y, y_ref), rows = output reshaped to [-1, last_dim]",
@@ -41,52 +44,6 @@ TASK_METRICS = {
     "binary_classification": ("auc", "logloss"),
     "classification": ("top1", "top1_agreement"),
 }
-
-
-def cosine_rows(y: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Cosine similarity of matching rows (last axis), leading axes flattened; float64."""
-    a = np.asarray(y, np.float64).reshape(-1, y.shape[-1])
-    b = np.asarray(ref, np.float64).reshape(-1, ref.shape[-1])
-    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.sum(a * b, axis=1) / np.maximum(denom, 1e-30)
-
-
-def cosine_stats(y: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    """``cosine_mean`` and ``cosine_p1`` (1st percentile) of the per-row cosines."""
-    c = cosine_rows(y, ref)
-    return {"cosine_mean": float(c.mean()), "cosine_p1": float(np.percentile(c, 1))}
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC by the Mann-Whitney rank formula (tied scores get their average rank)."""
-    labels = np.asarray(labels).ravel().astype(bool)
-    scores = np.asarray(scores, np.float64).ravel()
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUC needs both positive and negative labels")
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    # average rank (1-based) of each run of equal scores
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
-    ends = np.r_[starts[1:], scores.size]
-    ranks = np.empty(scores.size)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
-    """Mean binary cross-entropy, probabilities clipped to ``[eps, 1 - eps]`` (eps of their dtype, as sklearn)."""
-    probs = np.asarray(probs)
-    eps = np.finfo(probs.dtype if probs.dtype.kind == "f" else np.float64).eps
-    y = np.asarray(labels, np.float64).ravel()
-    p = np.clip(probs.astype(np.float64).ravel(), eps, 1.0 - eps)
-    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
-
-
-def top1(labels: np.ndarray, logits: np.ndarray) -> float:
-    """Fraction of rows whose argmax over the last axis equals the label."""
-    pred = np.asarray(logits).reshape(-1, logits.shape[-1]).argmax(axis=1)
-    return float(np.mean(pred == np.asarray(labels).ravel()))
 
 
 def run_model(model, feed: dict[str, np.ndarray], batch_size: int | None = None,
@@ -158,8 +115,7 @@ def score(y: np.ndarray, ref: np.ndarray, task: str, labels: np.ndarray | None =
     if labels is not None and task == "binary_classification":
         out.update(auc=roc_auc(labels, y), logloss=logloss(labels, y))
     elif labels is not None and task == "classification":
-        out.update(top1=top1(labels, y),
-                   top1_agreement=top1(ref.reshape(-1, ref.shape[-1]).argmax(axis=1), y))
+        out.update(top1=top1_accuracy(y, labels), top1_agreement=top1_agreement(y, ref))
     return out
 
 
