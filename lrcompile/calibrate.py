@@ -81,13 +81,9 @@ def iter_calibration(src: CalibSource, model: onnx.ModelProto) -> Iterator[dict[
 
 def _raw_batches(path: Path, func: str, batch_size: int, model: onnx.ModelProto) -> Iterator[dict]:
     if path.suffix == ".npz":
-        try:
-            z = np.load(path, allow_pickle=False)
-            arrays = {k: z[k] for k in z.files if not k.startswith("__")}
-        except ValueError as e:
-            raise LrcError(f"--calib {path}: holds pickled objects ({e}); save plain arrays with np.savez") from None
-        except Exception as e:  # noqa: BLE001 - corrupt zip/npy
-            raise LrcError(f"--calib {path} is not a readable .npz ({type(e).__name__}); save it with np.savez") from None
+        from .io import load_npz
+
+        arrays = {k: v for k, v in load_npz(path, "--calib").items() if not k.startswith("__")}
         if not arrays:
             raise LrcError(f"--calib {path} holds no arrays")
         lens = {k: v.shape[0] if v.ndim else None for k, v in arrays.items()}

@@ -105,13 +105,9 @@ def load_feeds(path: str | Path) -> list[dict[str, np.ndarray]]:
     if not p.is_file():
         raise LrcError(f"{p}: no such input file; pass an .npz of named arrays or a Polygraphy JSON input file")
     if p.suffix == ".npz":
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                return [{k: z[k] for k in z.files}]
-        except ValueError as e:
-            raise LrcError(f"{p}: cannot read arrays without pickle ({e}); save plain numeric arrays with np.savez") from None
-        except Exception as e:  # noqa: BLE001 - zip/npy parsing errors of a user file
-            raise LrcError(f"{p} is not a readable .npz ({type(e).__name__}); save it with np.savez") from None
+        from .io import load_npz
+
+        return [load_npz(p, "--inputs")]
     if p.suffix == ".json":
         from polygraphy.json import load_json
 

@@ -40,6 +40,7 @@ from onnx import numpy_helper
 from tqdm.auto import tqdm
 
 from .errors import LrcError
+from .io import load_npz
 
 if TYPE_CHECKING:
     from .ir import Candidate
@@ -80,13 +81,7 @@ def load_fisher_npz(path: str | Path, weights: dict[str, tuple[int, ...]]) -> di
         raise LrcError(f"--fisher {p}: no such file; save name -> squared-gradient sums with np.savez")
     if not zipfile.is_zipfile(p):
         raise LrcError(f"--fisher {p} is not an .npz archive; save name -> Fisher arrays with np.savez")
-    try:
-        z = np.load(p, allow_pickle=False)
-        raw = {k: z[k] for k in z.files}
-    except ValueError as e:
-        raise LrcError(f"--fisher {p}: holds pickled objects ({e}); save plain arrays with np.savez") from None
-    except Exception as e:  # noqa: BLE001 - corrupt zip/npy, or a bare .npy
-        raise LrcError(f"--fisher {p} is not a readable .npz ({type(e).__name__}); save it with np.savez") from None
+    raw = load_npz(p, "--fisher")
     unknown = sorted(set(raw) - set(weights))
     if unknown:
         more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
@@ -142,29 +137,20 @@ def load_labels(calib_path: str | Path, labels_path: str | Path | None = None) -
             raise LrcError(f"--labels {p} is not a readable .npy ({type(e).__name__}); save it with np.save") from None
         if not isinstance(y, np.ndarray):
             raise LrcError(f"--labels {p}: expected one array (.npy), got an archive; save it with np.save")
-    else:
-        p = Path(calib_path)
-        if p.suffix != ".npz":
-            raise LrcError(f"--calib {p}: only an .npz carries labels ({LABELS_KEY}); pass --labels FILE.npy")
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                if LABELS_KEY not in z.files:
-                    raise LrcError(f"--calib {p} holds no {LABELS_KEY} array; add it (one row per sample) "
-                                   f"or pass --labels FILE.npy")
-                y = z[LABELS_KEY]
-        except LrcError:
-            raise
-        except ValueError as e:
-            raise LrcError(f"--calib {p}: {LABELS_KEY} is pickled ({e}); save plain arrays with np.savez") from None
-        except Exception as e:  # noqa: BLE001
-            raise LrcError(f"--calib {p} is not a readable .npz ({type(e).__name__})") from None
+    calib = Path(calib_path)
+    arrays = load_npz(calib, "--calib") if calib.suffix == ".npz" and (labels_path is None or calib.is_file()) else None
+    if labels_path is None:
+        if arrays is None:
+            raise LrcError(f"--calib {calib}: only an .npz carries labels ({LABELS_KEY}); pass --labels FILE.npy")
+        if LABELS_KEY not in arrays:
+            raise LrcError(f"--calib {calib} holds no {LABELS_KEY} array; add it (one row per sample) "
+                           f"or pass --labels FILE.npy")
+        y = arrays[LABELS_KEY]
     if y.ndim == 0 or y.dtype.kind not in "biuf":
         raise LrcError(f"labels: expected a numeric array with one row per sample, got {y.dtype} {list(y.shape)}")
-    if Path(calib_path).suffix == ".npz" and Path(calib_path).is_file():
-        with np.load(calib_path, allow_pickle=False) as z:
-            rows = {z[k].shape[0] for k in z.files if not k.startswith("__") and z[k].ndim}
-        if rows and rows != {y.shape[0]}:
-            raise LrcError(f"labels: {y.shape[0]} rows, but --calib {Path(calib_path).name} holds {sorted(rows)[0]} samples")
+    rows = {v.shape[0] for k, v in (arrays or {}).items() if not k.startswith("__") and v.ndim}
+    if rows and rows != {y.shape[0]}:
+        raise LrcError(f"labels: {y.shape[0]} rows, but --calib {calib.name} holds {sorted(rows)[0]} samples")
     return y
 
 

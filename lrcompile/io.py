@@ -105,6 +105,22 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def load_npz(path: Path, what: str) -> dict[str, "np.ndarray"]:
+    """The arrays of a user's .npz, never unpickled; one-line LrcErrors for pickles or a bad file.
+
+    ``what`` names the option in messages (e.g. ``"--calib"``).
+    """
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except ValueError as e:
+        raise LrcError(f"{what} {path}: holds pickled objects ({e}); save plain arrays with np.savez") from None
+    except Exception as e:  # noqa: BLE001 - corrupt zip/npy, or a bare .npy
+        raise LrcError(f"{what} {path} is not a readable .npz ({type(e).__name__}); save it with np.savez") from None
+
+
 def tensor_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in _all_tensors(model) if t.HasField("raw_data"))
 
