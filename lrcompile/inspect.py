@@ -41,7 +41,7 @@ def inspect_model(path, *, ratio: float = 0.5, min_params: int = 4096, progress:
         row = {"node": c.label, "op": c.node.op, "shape": list(c.matrices[0].shape), "groups": len(c.matrices),
                "weight": c.weight_key, "decision": "candidate", "reason": ""}
         if c.weight_key in seen:
-            row.update(seen[c.weight_key], reason=f"shares its weight with an earlier node")
+            row.update(seen[c.weight_key], reason="shares its weight with an earlier node")
         else:
             summ = spectrum_summary(c.matrices[0], ratio)
             seen[c.weight_key] = summ

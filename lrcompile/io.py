@@ -105,7 +105,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
-def load_npz(path: Path, what: str) -> dict[str, "np.ndarray"]:
+def load_npz(path: Path, what: str) -> dict:
     """The arrays of a user's .npz, never unpickled; one-line LrcErrors for pickles or a bad file.
 
     ``what`` names the option in messages (e.g. ``"--calib"``).
