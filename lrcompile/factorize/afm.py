@@ -22,9 +22,9 @@ Bias convention: the statistics are of the *pre-bias* output ``y = x B`` (what
 Statistics collected after the bias (``y = x B + b``) have the same covariance and the mean shifted
 by ``b``: pass ``bias=b`` and it is subtracted from ``mu``, so the result is exact in both cases.
 
-Embedding tables (``afm_embedding``): a Gather of ``E [V, d]`` is a one-hot MatMul, so the same
-algebra with the table's rows as outputs gives ``E' = (E - mu) U_k [V, k]`` followed by
-``MatMul U_k^T`` and ``Add mu`` (row statistics optionally weighted by lookup frequencies).
+Embedding tables: a Gather of ``E [V, d]`` is a one-hot MatMul, so the pipeline passes the
+output statistics ``sum y = c E`` and ``Y^T Y = E^T diag(c) E`` (``derive.onehot_output_stats``,
+``c`` = lookup counts) and the same algebra applies: Gather ``E U_k``, MatMul ``U_k^T``, Add ``d``.
 """
 from __future__ import annotations
 
@@ -43,9 +43,7 @@ def principal_axes(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lam, q * np.where(flip == 0, 1.0, flip)
 
 
-def _pca_rank(policy: RankPolicy | int, lam: np.ndarray, count: float, k: int, n: int) -> int:
-    if isinstance(policy, (int, np.integer)):
-        policy = RankPolicy(rank=int(policy), multiple=1)
+def _pca_rank(policy: RankPolicy, lam: np.ndarray, count: float, k: int, n: int) -> int:
     s = np.sqrt(lam * count)  # singular values of the centred output matrix
     return choose_rank(policy, s, float(np.sum(s * s)), k, n)
 
@@ -102,50 +100,4 @@ def factorize_afm(
         bias=d.astype(dtype),
         singular_values=np.sqrt(lam * stats.count),
         info={"bias_given": bias is not None, "solver": "eigh", "calib_rows": int(stats.count)},
-    )
-
-
-def afm_embedding(
-    table: np.ndarray,
-    k: int | RankPolicy,
-    *,
-    counts: np.ndarray | None = None,
-) -> Factorization:
-    """AFM of an embedding table ``E [V, d]``: ``E ~= E' U_k^T + mu`` with ``E' = (E - mu) U_k``.
-
-    Args:
-        table: the embedding table ``[V, d]``.
-        k: the rank, or a rank policy on the row covariance spectrum.
-        counts: optional lookup frequency per row ``[V]`` (weights of mu and Cov; rows never
-            looked up then cost nothing).
-
-    Returns:
-        A ``Factorization`` with ``a = E' [V, k]``, ``c = U_k^T [k, d]``, ``bias = mu [d]``
-        (Gather from ``a``, then MatMul ``c``, then Add ``bias``). ``objective_error`` is the
-        (weighted) row variance not explained; ``rel_error`` the table error including ``mu``.
-    """
-    e, dtype = np.asarray(table, np.float64), out_dtype(np.asarray(table))
-    if e.ndim != 2:
-        raise ValueError(f"embedding table must be 2-D, got shape {e.shape}")
-    v, dim = e.shape
-    w = np.ones(v) if counts is None else np.asarray(counts, np.float64)
-    if w.shape != (v,) or np.any(w < 0) or not w.sum() > 0:
-        raise ValueError(f"counts must be {v} non-negative frequencies, not all zero")
-    total = float(w.sum())
-    mu = w @ e / total
-    ec = e - mu
-    lam, q = principal_axes((ec * w[:, None]).T @ ec / total)
-    r = _pca_rank(k, lam, total, v, dim)
-    u = q[:, :r]
-    a = ec @ u
-    return Factorization(
-        a=a.astype(dtype),
-        c=u.T.astype(dtype),
-        rank=r,
-        method="afm_embedding",
-        rel_error=rel_norm(ec - a @ u.T, e),
-        objective_error=_unexplained(lam, r),
-        bias=mu.astype(dtype),
-        singular_values=np.sqrt(lam * total),
-        info={"weighted": counts is not None, "rows": v},
     )

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from lrcompile.factorize import LayerStats, RankPolicy, factorize
-from lrcompile.factorize.afm import afm_embedding
 from lrcompile.factorize.stats import StatsAccumulator
 from lrcompile.factorize.whiten import mean_correction
 
@@ -214,7 +213,15 @@ def test_afm_error_is_the_discarded_variance(post_bias):
     np.testing.assert_allclose(f.c @ f.c.T, np.eye(6), atol=1e-10)
 
 
-def test_afm_embedding_full_and_reduced_rank():
+def test_afm_on_embedding_lookups_full_and_reduced_rank():
+    """The pipeline's path for a Gather: AFM on the one-hot output statistics E^T diag(c) E."""
+    from lrcompile.factorize.derive import onehot_output_stats
+
+    def afm_embedding(table, k, counts=None):
+        c = np.ones(table.shape[0]) if counts is None else counts
+        st = onehot_output_stats(LayerStats(count=int(c.sum()), in_sum=c), table)
+        return factorize(table, k if isinstance(k, RankPolicy) else RankPolicy(rank=k, multiple=1), "afm", st)
+
     rng = np.random.default_rng(3)
     table = acts(200, k=16, seed=3, mean=0.5).astype(np.float32)
     full = afm_embedding(table, 16)
