@@ -371,17 +371,23 @@ def primary_metric(task: str, available) -> tuple[str, bool]:
 
 
 def _data_options(ds: Dataset, opts: dict) -> dict:
-    """``opts`` plus the calibration data (and Fisher collection) the configuration's methods need;
-    plain SVD gets none, so it does not pay for a calibration pass it would not use."""
+    """``opts`` plus the calibration data (and Fisher collection, labels) the configuration needs;
+    plain SVD under a rank policy gets none, so it does not pay for a calibration pass it would not
+    use. A global budget gets the data for its sensitivity measurements and search, unless the
+    configuration names a data-free allocation."""
     from .factorize import METHODS
 
     methods = {opts["method"]} | {lm.rpartition("=")[2] for lm in opts.get("layer_methods", ())}
     needs = set().union(*(METHODS[m].needs for m in methods))
-    if not needs:
+    budget = any(opts.get(k) is not None for k in ("params", "flops", "max_drop")) and \
+        opts.get("allocation", "auto") in ("auto", "sensitivity")
+    if not needs and not budget:
         return opts
     if ds.calib is None:
         raise LrcError(f"{', '.join(sorted(methods))} need calibration data: pass --calib (or a build folder)")
     opts = {"calib": str(ds.calib), **opts}
+    if opts.get("metric") in ("auc", "logloss") and ds.calib_labels is not None:
+        opts.setdefault("labels", str(ds.calib_labels))
     if "fisher" in needs and "fisher" not in opts:
         opts["fisher"] = "collect"
         opts.setdefault("fisher_output", ds.output)

@@ -56,6 +56,27 @@ def _parse_dims(values: tuple[str, ...]) -> dict:
     return dims
 
 
+def _parse_batches(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise LrcError(f"--latency-batches {text!r}: expected comma-separated integers (e.g. 1,16)") from None
+    return out
+
+
+def _plan_plot(res, path: Path, quiet: bool) -> None:
+    """The plan as a PNG beside the report (skipped with a warning when matplotlib is missing)."""
+    from .plots import plan_profile
+
+    try:
+        plan_profile(res.layers, res.report["plan"], path, title=f"{res.input.name}: {res.config.describe_ranks()}")
+    except LrcError as e:
+        log.warning("no plan plot: %s", e)
+        return
+    if not quiet:
+        click.echo(f"wrote {path}")
+
+
 def _parse_options(values: tuple[str, ...]) -> dict:
     opts = {}
     for v in values:
@@ -89,6 +110,29 @@ def main() -> None:
 @click.option("--ratio", type=float, help="Keep about this fraction of each weight's parameters (default 0.5).")
 @click.option("--energy", type=float, help="Smallest rank keeping this fraction of spectral energy.")
 @click.option("--max-error", type=float, help="Smallest rank with relative error at most this.")
+@click.option("--params", type=float, help="Global budget: keep this fraction of the candidate weights' "
+              "parameters, ranks allocated across layers where they cost least.")
+@click.option("--flops", type=float, help="Global budget on the candidates' FLOPs at the verification shapes.")
+@click.option("--max-drop", type=float, help="Smallest model whose --metric stays within this of the original's "
+              "(measured on --val, else the calibration data).")
+@click.option("--metric", help="cosine, top1, max-rel, rel-l2, auc, logloss, or script (with --metric-script).")
+@click.option("--metric-output", help="The output the metric reads (default: the first).")
+@click.option("--metric-script", help="User metric FILE.py[:func](outputs, reference, labels) -> float, higher "
+              "is better; runs only when named here.")
+@click.option("--val", help="Validation data for --max-drop (same formats as --calib).")
+@click.option("--val-samples", type=int, help="Use at most this many validation samples.")
+@click.option("--val-labels", help="Labels .npy of the --val rows (default: __labels__ in the --val .npz).")
+@click.option("--allocation", type=click.Choice(["auto", "sensitivity", "error", "threshold"]), default="auto",
+              show_default=True, help="How a global budget is spread: measured sensitivity x error curves "
+              "(auto with --calib), error curves alone, or the data-free spectrum threshold.")
+@click.option("--sensitivity-samples", type=int, default=64, show_default=True,
+              help="Calibration samples per sensitivity measurement.")
+@click.option("--search-steps", type=int, default=8, show_default=True, help="Most models --max-drop measures.")
+@click.option("--latency-aware/--size-only", "latency_aware", default=None,
+              help="Time each layer dense vs factorized (ORT) and keep it dense where factorizing is not "
+                   "faster [default: on for --target ort].")
+@click.option("--latency-batches", default="1,16", show_default=True, help="Batch sizes latency-aware timing uses.")
+@click.option("--timing-cache", help="Timing cache file (default: ~/.cache/lrcompile/timings.json; 'none': off).")
 @click.option("--multiple", type=int, default=8, show_default=True, help="Round ranks to this multiple.")
 @click.option("--method", help="Factorization method: svd, whiten, asvd, fwsvd, afm "
               "(default: whiten with --calib, svd without).")
@@ -101,7 +145,7 @@ def main() -> None:
 @click.option("--layer-method", "layer_methods", multiple=True, help="Per-layer method REGEX=METHOD (repeatable).")
 @click.option("--sequential", is_flag=True, help="Calibrate each layer on the outputs of already-compressed ones.")
 @click.option("--fisher", help="fwsvd: Fisher .npz (weight name -> squared-gradient sums), or 'collect' (torch).")
-@click.option("--labels", help="Labels .npy for --fisher collect (default: __labels__ in the --calib .npz).")
+@click.option("--labels", help="Labels .npy of the --calib rows, for --fisher collect and the auc/logloss metrics (default: __labels__ in the --calib .npz).")
 @click.option("--loss", type=click.Choice(["auto", "bce", "ce", "mse"]), default="auto", show_default=True,
               help="Loss for --fisher collect.")
 @click.option("--fisher-output", help="Model output the loss applies to (default: the first).")
@@ -126,14 +170,14 @@ def main() -> None:
 @click.option("-v", "--verbose", count=True)
 @click.option("-q", "--quiet", is_flag=True)
 def compile_cmd(model, output, report, config_file, verbose, quiet, no_verify, dims, only, exclude, include,
-                method_options, layer_methods, **kw):
+                method_options, layer_methods, latency_batches, **kw):
     """Compile MODEL: factorize, rewrite, verify, and write/build the target."""
     _setup_logging(verbose, quiet)
 
     def go():
         from .config import CompileConfig
         from .pipeline import compile_model
-        from .report import layers_table, to_json, verification_table
+        from .report import layers_table, plan_summary, to_json, verification_table
 
         if config_file:
             try:
@@ -146,7 +190,7 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, no_verify, d
                 **kw, verify=not no_verify, dims=_parse_dims(dims),
                 only=tuple(s.strip() for s in only.split(",")) if only else None,
                 exclude=tuple(exclude), include=tuple(include), layer_methods=tuple(layer_methods),
-                method_options=_parse_options(method_options),
+                method_options=_parse_options(method_options), latency_batches=_parse_batches(latency_batches),
             )
             if cfg.calib and not cfg.inputs and cfg.verify:
                 log.warning("verifying on random inputs: data-aware factorization is tuned to the calibration "
@@ -165,6 +209,8 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, no_verify, d
             raise
         if not quiet:
             click.echo(layers_table(res.layers))
+            if res.report.get("plan"):
+                click.echo("\n" + plan_summary(res.report["plan"], res.layers))
             tot = res.report["totals"]
             click.echo(f"\n{tot['factorized']} factorized, {tot['declined']} declined; "
                        f"params in factorized layers {tot['params_before']:,} -> {tot['params_after']:,}"
@@ -187,6 +233,8 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, no_verify, d
                 click.echo(f"wrote {f}")
         if report is not None:
             Path(report).write_text(to_json(res.report))
+            if res.report.get("plan") and res.report["plan"].get("budget"):
+                _plan_plot(res, Path(report).with_suffix(".plan.png"), quiet)
         click.echo(res.status)
         return res
 

@@ -13,6 +13,7 @@ from .factorize import METHODS, RankPolicy
 
 TARGETS = ("onnx", "ort", "trt")
 SOLVERS = ("auto", "exact", "randomized")
+ALLOCATIONS = ("auto", "sensitivity", "error", "threshold")
 #: The default method when calibration data is given: the best measured on the test-bed models
 #: (README "Data-aware factorization"); without data the default is plain SVD.
 DEFAULT_WITH_DATA = "whiten"
@@ -57,6 +58,25 @@ class CompileConfig:
         labels / loss / fisher_output: labels (.npy; default ``__labels__`` in the calibration
             .npz), the loss (auto, bce, ce, mse) and the output it applies to, for ``collect``.
 
+    Budgets (instead of a per-layer rank policy; see ``lrcompile.planner``):
+        params / flops: keep this fraction of the candidate weights' parameters (or of their
+            FLOPs at the verification shapes), ranks allocated across layers non-uniformly.
+        max_drop: the smallest model whose ``metric`` stays within this of the original's.
+        metric / metric_output / metric_script: what "the metric" is (``lrcompile.evaluate``)
+            for ``max_drop`` and for the sensitivity measurements (default ``rel-l2``).
+        val / val_samples / val_labels: data the ``max_drop`` search is judged on (default: the
+            calibration data), and its labels (.npy; default ``__labels__`` in the .npz).
+        allocation: ``sensitivity`` (per-layer error curves x measured end-to-end sensitivity),
+            ``error`` (error curves alone), ``threshold`` (data-free, WeLore-style), ``auto``
+            (sensitivity with calibration data, else error).
+        sensitivity_samples: calibration samples each sensitivity measurement runs on.
+        search_steps: most models the ``max_drop`` search builds and measures.
+    Latency (``lrcompile.latency``):
+        latency_aware: time each layer dense vs factorized and keep it dense where factorizing
+            is not faster (None: on for ``--target ort``, off otherwise).
+        latency_batches: batch sizes the timing uses (each must be faster); timing_cache: the
+            cache file (None: the default per-user cache; "none": no cache).
+
     ``method`` None means: ``whiten`` with calibration data, ``svd`` without (see DEFAULTS).
     """
 
@@ -94,6 +114,21 @@ class CompileConfig:
     labels: str | None = None
     loss: str = "auto"
     fisher_output: str | None = None
+    params: float | None = None
+    flops: float | None = None
+    max_drop: float | None = None
+    metric: str | None = None
+    metric_output: str | None = None
+    metric_script: str | None = None
+    val: str | None = None
+    val_samples: int | None = None
+    val_labels: str | None = None
+    allocation: str = "auto"
+    sensitivity_samples: int = 64
+    search_steps: int = 8
+    latency_aware: bool | None = None
+    latency_batches: tuple[int, ...] = (1, 16)
+    timing_cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -124,6 +159,7 @@ class CompileConfig:
             raise LrcError("--calib-batch must be >= 1")
         if self.solver not in SOLVERS:
             raise LrcError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
+        self._check_budget()
         try:
             self.policy()
         except ValueError as e:
@@ -144,6 +180,58 @@ class CompileConfig:
         if self.tolerance is not None and self.tolerance < 0:
             raise LrcError("--tolerance must be >= 0")
 
+    def _check_budget(self) -> None:
+        budgets = [n for n in ("params", "flops", "max_drop") if getattr(self, n) is not None]
+        rules = [n for n in ("rank", "ratio", "energy", "max_error") if getattr(self, n) is not None]
+        flag = lambda n: "--" + n.replace("_", "-")  # noqa: E731
+        if len(budgets) > 1 or (budgets and rules):
+            raise LrcError(f"{' and '.join(map(flag, budgets + rules))} each set the ranks: pass only one")
+        for n in ("params", "flops"):
+            v = getattr(self, n)
+            if v is not None and not 0 < v <= 1:
+                raise LrcError(f"{flag(n)} {v}: give the fraction to keep, in (0, 1] (e.g. {flag(n)} 0.5)")
+        if self.max_drop is not None:
+            if not self.max_drop >= 0:
+                raise LrcError(f"--max-drop {self.max_drop}: must be >= 0")
+            if self.metric is None:
+                raise LrcError("--max-drop needs --metric NAME (cosine, top1, max-rel, rel-l2, auc, logloss, script)")
+            if not (self.calib or self.val):
+                raise LrcError("--max-drop measures the metric on data: pass --calib (and optionally --val)")
+        if self.metric is not None:
+            from .evaluate import METRICS
+
+            if self.metric not in METRICS and self.metric != "script":
+                raise LrcError(f"--metric {self.metric!r}: choose one of {', '.join(sorted(METRICS))}, or script")
+            if (self.metric == "script") != bool(self.metric_script):
+                raise LrcError("--metric script and --metric-script FILE.py[:func] go together")
+        if self.allocation not in ALLOCATIONS:
+            raise LrcError(f"--allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+        if self.allocation == "sensitivity" and not self.calib:
+            raise LrcError("--allocation sensitivity measures layers on calibration data: pass --calib")
+        if self.sensitivity_samples < 1 or self.search_steps < 1:
+            raise LrcError("--sensitivity-samples and --search-steps must be >= 1")
+        if self.val_samples is not None and self.val_samples < 1:
+            raise LrcError("--val-samples must be >= 1")
+        if not self.latency_batches or any(int(b) < 1 for b in self.latency_batches):
+            raise LrcError(f"--latency-batches {list(self.latency_batches)}: give batch sizes >= 1 (e.g. 1,16)")
+        if self.sequential and budgets:
+            raise LrcError("--sequential does not combine with --params/--flops/--max-drop; use one of them")
+
+    @property
+    def budget(self) -> str | None:
+        """Which global budget is set (``params``, ``flops``, ``max_drop``), or None (a rank policy)."""
+        return next((n for n in ("params", "flops", "max_drop") if getattr(self, n) is not None), None)
+
+    @property
+    def resolved_allocation(self) -> str:
+        if self.allocation != "auto":
+            return self.allocation
+        return "sensitivity" if self.calib else "error"
+
+    @property
+    def resolved_latency_aware(self) -> bool:
+        return self.target == "ort" if self.latency_aware is None else self.latency_aware
+
     @property
     def resolved_method(self) -> str:
         """The method in force: the user's, else the measured best with data, else plain SVD."""
@@ -158,6 +246,11 @@ class CompileConfig:
                 return m
         return self.resolved_method
 
+    def describe_ranks(self) -> str:
+        """How ranks are chosen, for the report: ``params=0.5`` or the rank policy's description."""
+        b = self.budget
+        return f"{b}={getattr(self, b)},allocation={self.resolved_allocation}" if b else self.policy().describe()
+
     def policy(self) -> RankPolicy:
         given = {n: getattr(self, n) for n in ("rank", "ratio", "energy", "max_error") if getattr(self, n) is not None}
         if not given:
@@ -169,6 +262,7 @@ class CompileConfig:
         d["only"] = list(self.only) if self.only is not None else None
         d["exclude"], d["include"] = list(self.exclude), list(self.include)
         d["layer_methods"] = list(self.layer_methods)
+        d["latency_batches"] = list(self.latency_batches)
         return d
 
     @classmethod
@@ -178,7 +272,7 @@ class CompileConfig:
         if unknown:
             raise LrcError(f"unknown option(s) in config: {unknown}")
         d = dict(d)
-        for k in ("only", "exclude", "include", "layer_methods"):
+        for k in ("only", "exclude", "include", "layer_methods", "latency_batches"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)

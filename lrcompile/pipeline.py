@@ -197,10 +197,21 @@ class Plan:
 
 
 def plan(cands: list[Candidate], config: CompileConfig, *, stats: dict[str, list[LayerStats]] | None = None,
-         fisher: dict[str, np.ndarray] | None = None, progress: bool = False, into: Plan | None = None) -> Plan:
-    """Factorize each distinct weight once and decide per candidate."""
+         fisher: dict[str, np.ndarray] | None = None, progress: bool = False, into: Plan | None = None,
+         ranks: dict[str, int] | None = None, dense_reasons: dict[str, str] | None = None,
+         cache: dict | None = None) -> Plan:
+    """Factorize each distinct weight once and decide per candidate.
+
+    Args:
+        ranks: weight key -> rank chosen by a planner (``lrcompile.planner``), 0 = keep dense;
+            None: each weight's rank comes from the config's rank policy. Keys missing from a
+            given dict stay dense.
+        dense_reasons: weight key -> why the planner kept it dense (for the report).
+        cache: ``(weight key, rank) -> factorizations``, shared by a planner's repeated plans.
+    """
     policy = config.policy()
     p = into or Plan()
+    dense_reasons = dense_reasons or {}
     sharers: dict[str, list[Candidate]] = {}
     for c in cands:
         sharers.setdefault(c.weight_key, []).append(c)
@@ -209,6 +220,8 @@ def plan(cands: list[Candidate], config: CompileConfig, *, stats: dict[str, list
                           decision="factorized", weight=cand.weight_key, groups=len(cand.matrices),
                           params_before=cand.params, break_even=round(break_even_rank(*cand.matrices[0].shape), 2))
         key = cand.weight_key
+        if ranks is not None and not ranks.get(key):
+            p.declined_keys.setdefault(key, dense_reasons.get(key, "kept dense by the rank allocation"))
         if key in p.declined_keys:
             rec.decision, rec.reason = "declined", p.declined_keys[key]
             p.records.append(rec)
@@ -220,7 +233,14 @@ def plan(cands: list[Candidate], config: CompileConfig, *, stats: dict[str, list
             method, st, rec.reason = _stats_for(cand, config.method_for(cand.label), stats, fisher,
                                                 sharers[key])
             t0 = time.perf_counter()
-            facts = _factorize_candidate(cand, config, policy, method, st)
+            pol = policy if ranks is None else RankPolicy(rank=int(ranks[key]), multiple=1)
+            ck = (key, pol.rank) if cache is not None and pol.rank is not None else None
+            if ck is not None and ck in cache:
+                facts = cache[ck]
+            else:
+                facts = _factorize_candidate(cand, config, pol, method, st)
+                if ck is not None:
+                    cache[ck] = facts
             rec.seconds = round(time.perf_counter() - t0, 4)
         f0 = facts[0]
         rec.rank, rec.method = f0.rank, f0.method
@@ -324,7 +344,7 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
         raise LrcError(f"output {out} is the input model; lrcompile never overwrites its input: pass another -o")
 
     feeds_list = None
-    if config.verify or config.target in ("ort", "trt"):
+    if config.verify or config.target in ("ort", "trt") or config.flops is not None or config.resolved_latency_aware:
         feeds_list = _feeds(model, config)
 
     analysis = analyze(model, config)
@@ -351,16 +371,25 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
             stats, calib_info = _calibrate(model, analysis.candidates, config, progress=progress)
             calib_info["mode"] = "one-shot"
             t["calibrate"] = time.perf_counter()
-        p = plan(analysis.candidates, config, stats=stats, fisher=fisher, progress=progress)
+        p, planner, plan_info = _plan_ranks(model, analysis, config, stats, fisher, feeds_list, progress=progress)
         t["factorize"] = time.perf_counter()
         if p.by_key:
             apply(ctx, analysis.candidates, p)
+    if config.calib and config.sequential:
+        planner, plan_info = None, None
     records = p.records + decline_records(analysis.declines)
     if not p.by_key:
+        slow = any("not faster" in r.reason for r in records)
         raise LrcError(f"{src}: every candidate was declined ({_decline_summary(records)}); "
-                       "loosen the rank policy (e.g. --ratio 0.5) or --min-params")
+                       + ("pass --size-only to compress them anyway, or " if slow else "")
+                       + "loosen the rank policy (e.g. --ratio 0.5) or --min-params")
     new = export(analysis.graph, model)
     t["rewrite"] = time.perf_counter()
+    if planner is not None and (config.calib or config.val):
+        ev = planner.evaluator(search=config.budget == "max_drop")
+        m = ev.measure(new)
+        plan_info["final"] = {"metric": ev.describe(), "value": m.value, "drop": m.drop,
+                              "rel_l2_sq": m.rel_l2_sq, "samples": m.samples}
 
     target_info: dict = {}
     with atomic_output(out) as tmp:
@@ -386,10 +415,50 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     )
     result.report = build_report(result, notes=notes + failures, folded=analysis.folded)
     result.report["calibration"] = calib_info
+    result.report["plan"] = plan_info
     if status == "FAILED":
         raise VerificationFailed("verification FAILED: " + "; ".join(failures)
                                  + " (no output written; relax the rank policy or the tolerance)", result=result)
     return result
+
+
+def _plan_ranks(model: onnx.ModelProto, analysis: Analysis, config: CompileConfig, stats, fisher, feeds_list,
+                *, progress: bool):
+    """The plan under the config's rank policy or global budget, with latency limits when asked.
+
+    Returns ``(plan, planner or None, plan section of the report or None)``."""
+    cands = analysis.candidates
+    if config.budget is None and not config.resolved_latency_aware:
+        return plan(cands, config, stats=stats, fisher=fisher, progress=progress), None, None
+    from . import planner as pl
+
+    timing = pl.timing_feeds(model, _timing_feed(model, config, feeds_list), config.latency_batches) \
+        if config.resolved_latency_aware else None
+    if config.budget is None:
+        p = plan(cands, config, stats=stats, fisher=fisher, progress=progress)
+        info = {"budget": None, "latency": pl.latency_declines(p, model, cands, timing, config, progress=progress)}
+        return p, None, info
+    planner = pl.Planner(model, cands, config, stats=stats, fisher=fisher,
+                         feed=feeds_list[0] if feeds_list else None, progress=progress)
+    if timing is not None:
+        planner.limit_latency(timing)
+    ranks = planner.run()
+    p = plan(cands, config, stats=stats, fisher=fisher, progress=progress, ranks=ranks,
+             dense_reasons=planner.dense_reasons, cache=planner.cache)
+    planner.annotate(p.records, ranks)
+    return p, planner, planner.info
+
+
+def _timing_feed(model: onnx.ModelProto, config: CompileConfig, feeds_list) -> dict[str, np.ndarray]:
+    """The user's shapes for timing: --inputs, else a calibration batch, else the verification feed."""
+    if not config.inputs and config.calib:
+        from .calibrate import CalibSource, iter_calibration
+
+        first = next(iter_calibration(CalibSource(config.calib, config.calib_samples, config.calib_batch), model),
+                     None)
+        if first is not None:
+            return first
+    return feeds_list[0]
 
 
 def _build_target(config: CompileConfig, src: Path, model_path: Path, dest_dir: Path,
@@ -506,7 +575,7 @@ def build_report(res: CompileResult, *, notes: list[str], folded: list[str]) -> 
         "output_sha256": sha256(out) if out else None,
         "config": res.config.to_dict(),
         "pipeline": ("analyze," + ("calibrate," if res.config.calib else "")
-                     + f"{res.config.resolved_method}{{{res.config.policy().describe()},multiple={res.config.multiple}}},"
+                     + f"{res.config.resolved_method}{{{res.config.describe_ranks()},multiple={res.config.multiple}}},"
                     "rewrite,cleanup,check" + (",verify" if res.config.verify else "") + f",target={res.config.target}"),
         "totals": totals(res.layers),
         "layers": res.layers,

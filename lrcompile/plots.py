@@ -97,6 +97,54 @@ def spectra(curves: dict[str, np.ndarray], path: str | Path, *, title: str,
     return _save(fig, path)
 
 
+def plan_profile(layers: Sequence, plan: dict, path: str | Path, *, title: str) -> Path:
+    """The planner's choices: per layer (graph order) the fraction of parameters kept and the
+    measured sensitivity (log scale); with ``--max-drop`` a second panel shows the search it walked
+    (parameters kept against the measured drop, the allowed drop as a line).
+
+    ``layers`` are report ``LayerRecord``s; ``plan`` the report's ``plan`` section.
+    """
+    rows = [r for r in layers if r.predicted_loss is not None]
+    search = plan.get("search")
+    fig = _figure(max(8.0, 0.2 * len(rows) + 3.0) + (5.0 if search else 0.0), 4.8)
+    axes = fig.subplots(1, 2, width_ratios=[max(2.0, 0.2 * len(rows)), 1.6]) if search else [fig.subplots()]
+    ax = axes[0]
+    x = np.arange(len(rows))
+    kept = [(r.params_after / r.params_before) if r.decision == "factorized" and r.params_before else 1.0
+            for r in rows]
+    ax.bar(x, kept, color=["tab:blue" if r.decision == "factorized" else "tab:gray" for r in rows],
+           label="params kept (grey: dense)")
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("fraction of the weight's parameters kept")
+    ax.set_xticks(x, [_short(r.node) for r in rows], rotation=90, fontsize=6 if len(rows) > 24 else 8)
+    ax.set_xlabel("layer (graph order)")
+    ax.grid(axis="y", alpha=0.3)
+    ax2 = ax.twinx()
+    sens = np.array([r.sensitivity or 0.0 for r in rows], np.float64)
+    if sens.size and np.all(sens > 0):  # measured (--allocation sensitivity)
+        ax2.semilogy(x, sens, "o", color="tab:red", label="sensitivity (metric per unit error^2)")
+        ax2.set_ylabel("sensitivity", color="tab:red")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8, ncols=2)
+    ax.set_title(f"kept {plan.get('achieved_fraction', float('nan')):.3f} of the candidates' "
+                 f"{plan.get('budget_kind', 'params')}")
+    if search:
+        ax = axes[1]
+        pts = sorted((w["params_ratio"], w["drop"], w["passed"]) for w in search["walked"])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color="0.6")
+        for px, py, ok in pts:
+            ax.plot([px], [py], "o", color="tab:green" if ok else "tab:red")
+        ax.axhline(search["max_drop"], color="black", linestyle="--", label=f"--max-drop {search['max_drop']:g}")
+        ax.set_xlabel("params kept (of the candidates)")
+        ax.set_ylabel(f"measured drop in {search['evaluator']['metric']}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.set_title("search (green: within the budget)")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def _short(name: str, width: int = 40) -> str:
     return name if len(name) <= width else "..." + name[-(width - 3):]
 

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tabulate import tabulate
 
 
@@ -30,6 +31,13 @@ class LayerRecord:
     shared_with: str | None = None
     seconds: float | None = None
     info: dict = field(default_factory=dict)
+    # set by the planner (lrcompile.planner) under a global budget or latency-aware planning
+    sensitivity: float | None = None
+    predicted_loss: float | None = None
+    probes: list[dict] | None = None
+    flops_before: float | None = None
+    flops_after: float | None = None
+    latency: list[dict] | None = None
 
 
 def layers_table(layers: list[LayerRecord], *, declined: bool = True) -> str:
@@ -93,3 +101,53 @@ def to_json(obj) -> str:
         raise TypeError(f"not JSON serializable: {type(o)}")
 
     return json.dumps(obj, indent=2, default=default, allow_nan=True)
+
+
+def _latency_at(t: dict, rank: int | None) -> float | None:
+    """A timing row's factorized latency at ``rank`` (linear between the timed ranks)."""
+    if not rank or not t.get("ranks"):
+        return None
+    return float(np.interp(rank, t["ranks"], t["factorized_ms"]))
+
+
+def plan_summary(plan: dict, layers: list[LayerRecord]) -> str:
+    """The planner's per-layer choices and its totals: predicted vs measured, and the search it walked."""
+    lines = []
+    rows = []
+    for r in layers:
+        if r.predicted_loss is None and not r.latency:
+            continue
+        kept = (r.params_after / r.params_before) if r.decision == "factorized" and r.params_before else 1.0
+        lat = "; ".join(f"b{t['batch']}: {t['dense_ms']:.3f}->{_latency_at(t, r.rank):.3f}"
+                        if r.decision == "factorized" and _latency_at(t, r.rank) is not None
+                        else f"b{t['batch']}: {t['dense_ms']:.3f} dense" for t in (r.latency or []))
+        rows.append([r.node, r.rank if r.decision == "factorized" else "dense", f"{kept:.2f}",
+                     f"{r.sensitivity:.3g}" if r.sensitivity is not None else "-",
+                     f"{r.predicted_loss:.3g}" if r.predicted_loss is not None else "-",
+                     f"{r.flops_after / r.flops_before:.2f}" if r.flops_before else "-", lat or "-"])
+    if rows:
+        lines.append(tabulate(rows, headers=["node", "rank", "params kept", "sensitivity", "predicted",
+                                             "FLOPs kept", "latency ms (dense->factorized)"], tablefmt="simple"))
+    if plan.get("budget"):
+        kind = plan.get("budget_kind", plan["budget"])
+        lines.append(f"\nbudget: {plan['budget']} ({plan['allocation']} allocation); {kind} "
+                     f"{plan['cost']:,.0f} of limit {plan['limit']:,.0f} "
+                     f"(kept {plan['achieved_fraction']:.4f} of the candidates' {kind}); "
+                     f"predicted loss {plan['predicted_loss']:.4g}")
+    final = plan.get("final")
+    if final:
+        lines.append(f"measured {final['metric']['metric']} on {final['samples']} samples: {final['value']:.6g} "
+                     f"(drop {final['drop']:.4g}; relative L2^2 {final['rel_l2_sq']:.4g})")
+    search = plan.get("search")
+    if search:
+        lines.append(f"\n--max-drop {search['max_drop']:g} search (metric {search['evaluator']['metric']}):")
+        lines.append(tabulate([[f"{w['fraction']:.4f}", f"{w['params_ratio']:.4f}", f"{w['predicted_loss']:.4g}",
+                                f"{w['metric']:.6g}", f"{w['drop']:.4g}", "yes" if w["passed"] else "no"]
+                               for w in search["walked"]],
+                              headers=["budget", "params kept", "predicted", "metric", "drop", "within"],
+                              tablefmt="simple"))
+    lat = plan.get("latency")
+    if lat:
+        lines.append(f"latency-aware: timed on {lat['target']} at batches {lat['batches']} in {lat['seconds']:.1f} s "
+                     f"(cache {lat['cache']}: {lat['cache_hits']} hits, {lat['cache_misses']} misses)")
+    return "\n".join(lines)

@@ -29,3 +29,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="torch is not installed (pip install torch==2.13.0)"))
         if "trt" in item.keywords and not has_trt:
             item.add_marker(pytest.mark.skip(reason="neither tensorrt nor tensorrt-rtx is installed"))
+
+
+@pytest.fixture(autouse=True)
+def _private_timing_cache(tmp_path, monkeypatch):
+    """Latency-aware runs write a per-user timing cache; tests keep theirs in the test's folder."""
+    monkeypatch.setenv("LRCOMPILE_CACHE_DIR", str(tmp_path / "lrcompile-cache"))

@@ -1,0 +1,472 @@
+"""Rank planning under a global budget: ``--params``, ``--flops``, ``--max-drop``, latency limits.
+
+Users think "half the size", "no more than 0.1% AUC lost", "faster on this target", not in
+per-layer ranks. The planner turns those into ranks, one weight at a time:
+
+1. **Error curves.** Each distinct weight is decomposed once, in full, by its method (whitened SVD
+   with calibration data, ...). The spectrum of the matrix the method decomposes gives the
+   method's relative objective error at every rank for free: ``err^2(r) = tail_r / total``.
+2. **Sensitivity.** How much a layer's error costs end to end differs by orders of magnitude
+   (MiniLM at 50%: compressing the FFN down projections alone costs 7x the cosine of the
+   query/key ones). With calibration data each layer is compressed *alone* at two ranks, the
+   model is run on a few calibration samples, and the metric change fitted as
+   ``drop ~= s_l err_l^2(r)`` (a least-squares slope through the origin).
+3. **Allocation.** The predicted drop ``sum_l s_l err_l^2(r_l)`` is minimised under the budget by a
+   knapsack over each layer's choices (``lrcompile.factorize.allocate``); latency limits remove
+   the ranks that would not be faster on the target.
+4. **Accuracy budget.** ``--max-drop`` bisects the parameter budget, building and measuring each
+   model on the validation data, and keeps the smallest that stays within the drop.
+
+The numpy math lives in ``lrcompile.factorize.allocate``; this module only gathers its inputs
+from the model and turns its answer into a ``pipeline.Plan``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from .config import CompileConfig
+from .errors import LrcError
+from .factorize import LayerStats, RankPolicy, break_even_rank
+from .factorize.allocate import (Allocation, LayerOptions, allocate, allocate_threshold, min_cost, rank_grid,
+                                 tail_curve)
+from .ir import Candidate
+
+log = logging.getLogger(__name__)
+
+#: Where a sensitivity is measured: the uniform rank of the budget and half of it.
+PROBE_FRACTIONS = (1.0, 0.5)
+#: Metrics whose change is a smooth (second-order) function of small output errors and so adds up
+#: across layers; for the others (step functions like top-1 and AUC, or maxima) sensitivity is
+#: measured on the squared relative L2 error of the metric's output instead.
+ADDITIVE = ("cosine", "logloss")
+
+
+@dataclass
+class Layer:
+    """One distinct weight and everything the planner knows about it."""
+
+    key: str
+    cands: list[Candidate]
+    method: str
+    stats: list[LayerStats | None]
+    note: str
+    spectra: list[np.ndarray]
+    totals: list[float]
+    grid: np.ndarray
+    params: np.ndarray
+    dense_params: int
+    err2: np.ndarray
+    has_bias: bool
+    rows: dict[str, float] = field(default_factory=dict)  # candidate label -> rows per inference
+    sensitivity: float = 1.0
+    probes: list[dict] = field(default_factory=list)
+    fast_rank: int | None = None  # largest rank faster than dense on the target (None: not timed)
+    latency: list[dict] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.cands[0].label
+
+    def loss(self) -> np.ndarray:
+        return self.sensitivity * self.err2
+
+    def flops(self, ranks: np.ndarray) -> tuple[float, np.ndarray]:
+        """Dense FLOPs and FLOPs at each rank, summed over the nodes sharing the weight."""
+        dense, fact = 0.0, np.zeros(len(ranks))
+        for c in self.cands:
+            rows = self.rows.get(c.label)
+            if rows is None:
+                raise LrcError(f"cannot count the FLOPs of {c.label} at the verification shapes; use --params")
+            kn = sum(m.shape[0] * m.shape[1] for m in c.matrices)
+            if c.details.get("lookup"):  # Gather: a free lookup dense; factorized, a MatMul [r, N] follows
+                fact += 2.0 * rows * ranks * sum(m.shape[1] for m in c.matrices)
+            else:
+                dense += 2.0 * rows * kn
+                fact += 2.0 * rows * ranks * sum(m.shape[0] + m.shape[1] for m in c.matrices)
+        return dense, fact
+
+
+def build_layers(cands: list[Candidate], config: CompileConfig, stats, fisher, *, progress: bool) -> list[Layer]:
+    """Decompose every distinct weight in full and read its error curve off the spectrum."""
+    from .pipeline import _factorize_candidate, _stats_for
+
+    sharers: dict[str, list[Candidate]] = {}
+    for c in cands:
+        sharers.setdefault(c.weight_key, []).append(c)
+    layers = []
+    full = RankPolicy(energy=1.0, multiple=1)  # the whole spectrum (an exact SVD), whatever the solver
+    for key, group in tqdm(sharers.items(), desc="spectra", unit="weight", disable=None if progress else True,
+                           leave=False):
+        cand = group[0]
+        method, st, note = _stats_for(cand, config.method_for(cand.label), stats, fisher, group)
+        facts = _factorize_candidate(cand, config, full, method, st)
+        spectra = [np.asarray(f.singular_values, np.float64) for f in facts]
+        totals = [float(np.sum(s**2)) for s in spectra]
+        k, n = cand.matrices[0].shape
+        grid = rank_grid(k, n, config.multiple)
+        has_bias = facts[0].bias is not None
+        params = np.zeros(len(grid))
+        for m in cand.matrices:
+            params += grid * (m.shape[0] + m.shape[1]) + (m.shape[1] if has_bias else 0)
+        layers.append(Layer(key=key, cands=group, method=method, stats=st, note=note, spectra=spectra,
+                            totals=totals, grid=grid, params=params, dense_params=cand.params,
+                            err2=tail_curve(spectra, totals, grid), has_bias=has_bias))
+    return layers
+
+
+def count_rows(model: onnx.ModelProto, cands: list[Candidate], feed: dict[str, np.ndarray]) -> dict[str, float]:
+    """Rows each candidate processes per inference at the feed's shapes (FLOPs = 2 x rows x params)."""
+    from .flops import count_flops, fix_input_shapes, infer_shapes
+
+    shapes = {k: tuple(v.shape) for k, v in feed.items()}
+    nodes = {n["name"]: n["flops"] for n in count_flops(model, shapes)["nodes"]}
+    tensor_shapes = None
+    rows = {}
+    for c in cands:
+        if c.details.get("lookup"):
+            if tensor_shapes is None:
+                tensor_shapes = infer_shapes(fix_input_shapes(model, shapes))
+            idx = tensor_shapes.get(c.activation or "")
+            if idx is not None:
+                rows[c.label] = float(np.prod(idx))
+        elif c.label in nodes:
+            rows[c.label] = nodes[c.label] / (2.0 * sum(m.shape[0] * m.shape[1] for m in c.matrices))
+    return rows
+
+
+class Planner:
+    """Chooses ranks for ``cands`` under the config's budget (see the module docstring)."""
+
+    def __init__(self, model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *, stats=None,
+                 fisher=None, feed: dict[str, np.ndarray] | None = None, progress: bool = False) -> None:
+        self.model, self.config, self.stats, self.fisher = model, config, stats, fisher
+        self.progress = progress
+        self.cache: dict = {}  # (weight key, rank) -> factorizations, shared by every plan built
+        self.info: dict = {"budget": config.budget, "allocation": config.resolved_allocation}
+        t0 = time.perf_counter()
+        self.layers = build_layers(cands, config, stats, fisher, progress=progress)
+        self.info["spectra_seconds"] = round(time.perf_counter() - t0, 3)
+        if config.flops is not None:
+            if feed is None:
+                raise AssertionError("a FLOPs budget needs the verification feed's shapes")
+            rows = count_rows(model, cands, feed)
+            for layer in self.layers:
+                layer.rows = {c.label: rows.get(c.label) for c in layer.cands}
+        self.dense_params = sum(x.dense_params for x in self.layers)
+        self.dense_reasons: dict[str, str] = {}
+        self._sens_eval = None
+        self._search_eval = None
+
+    # ------------------------------------------------------------------ building and measuring models
+
+    def plan(self, ranks: dict[str, int]):
+        """A ``pipeline.Plan`` for these ranks, on a fresh import of the model (candidates bound to it)."""
+        from .pipeline import analyze, plan
+
+        analysis = analyze(self.model, self.config)
+        return analysis, plan(analysis.candidates, self.config, stats=self.stats, fisher=self.fisher, ranks=ranks,
+                              dense_reasons=self.dense_reasons, cache=self.cache)
+
+    def build(self, ranks: dict[str, int]) -> onnx.ModelProto:
+        """The model with these ranks applied (0: dense)."""
+        from .ir import Namer, RewriteContext
+        from .pipeline import apply, export
+
+        analysis, p = self.plan(ranks)
+        apply(RewriteContext(analysis.graph, Namer(analysis.graph)), analysis.candidates, p)
+        return export(analysis.graph, self.model)
+
+    def evaluator(self, *, search: bool):
+        """The metric on the sensitivity samples (calibration data) or on the search data (--val)."""
+        from .evaluate import Evaluator
+
+        cfg = self.config
+        attr = "_search_eval" if search else "_sens_eval"
+        if getattr(self, attr) is None:
+            data = (cfg.val or cfg.calib) if search else cfg.calib
+            samples = cfg.val_samples if search and cfg.val else (cfg.calib_samples if search
+                                                                  else cfg.sensitivity_samples)
+            if not search and cfg.calib_samples:
+                samples = min(samples, cfg.calib_samples)
+            ev = Evaluator(self.model, data, cfg.metric or "rel-l2", output=cfg.metric_output,
+                           labels=cfg.labels if data == cfg.calib else cfg.val_labels, samples=samples,
+                           batch_size=cfg.calib_batch, script=cfg.metric_script)
+            setattr(self, attr, ev)
+        return getattr(self, attr)
+
+    def _signal(self, m) -> float:
+        """The sensitivity signal of a measurement: the metric drop when it adds up across layers."""
+        return float(m.drop) if (self.config.metric or "rel-l2") in ADDITIVE else float(m.rel_l2_sq)
+
+    # ------------------------------------------------------------------ the three inputs of allocation
+
+    def measure_sensitivity(self, fraction: float) -> None:
+        """Compress each layer alone at the budget's uniform rank and half of it; fit ``s_l``."""
+        ev = self.evaluator(search=False)
+        jobs = []
+        for layer in self.layers:
+            k, n = layer.cands[0].matrices[0].shape
+            for f in PROBE_FRACTIONS:
+                r = _grid_at_most(layer.grid, f * fraction * break_even_rank(k, n))
+                if r and all(p["rank"] != r for p in layer.probes):
+                    layer.probes.append({"rank": r})
+                    jobs.append((layer, layer.probes[-1]))
+        t0 = time.perf_counter()
+        for layer, probe in tqdm(jobs, desc="sensitivity", unit="model", disable=None if self.progress else True,
+                                 leave=False):
+            ranks = {x.key: 0 for x in self.layers}
+            ranks[layer.key] = probe["rank"]
+            m = ev.measure(self.build(ranks))
+            probe["err2"] = float(layer.err2[np.searchsorted(layer.grid, probe["rank"])])
+            probe["signal"] = self._signal(m)
+            probe["metric"] = float(m.value)
+        for layer in self.layers:
+            e = np.array([p["err2"] for p in layer.probes])
+            d = np.array([p["signal"] for p in layer.probes])
+            layer.sensitivity = float(e @ d / (e @ e)) if e.size and e @ e > 0 else 0.0
+        pos = [x.sensitivity for x in self.layers if x.sensitivity > 0]
+        floor = 1e-2 * float(np.median(pos)) if pos else 1.0
+        for layer in self.layers:  # a layer that measured as free still has a cost at lower ranks
+            layer.sensitivity = max(layer.sensitivity, floor)
+        self.info["sensitivity"] = {"models": len(jobs), "seconds": round(time.perf_counter() - t0, 3),
+                                    "samples": ev.describe().get("samples"), "signal": (
+                                        "metric drop" if (self.config.metric or "rel-l2") in ADDITIVE
+                                        else "relative L2 error squared"), "floor": floor}
+
+    def limit_latency(self, feeds_by_batch: dict[int, dict[str, np.ndarray]]) -> None:
+        """Time every layer dense and factorized; keep only ranks that are faster at every batch."""
+        from . import latency
+
+        points = {}
+        for layer in self.layers:
+            g = layer.grid
+            pick = sorted({int(g[i]) for i in np.linspace(0, len(g) - 1, min(4, len(g))).round().astype(int)}) if len(g) else []
+            for c in layer.cands:
+                points[c.label] = pick
+        cache = latency.TimingCache(None if self.config.timing_cache in (None, "") else self.config.timing_cache,
+                                    enabled=self.config.timing_cache != "none")
+        t0 = time.perf_counter()
+        timings = latency.time_layers(self.model, [c for x in self.layers for c in x.cands], feeds_by_batch,
+                                      points, cache=cache, progress=self.progress)
+        cache.save()
+        for layer in self.layers:
+            fast, rows = None, []
+            for c in layer.cands:
+                for t in timings.get(c.label, []):
+                    fr = t.fast_rank()
+                    fast = fr if fast is None else min(fast, fr)
+                    rows.append({"node": c.label, "batch": t.batch, "dense_ms": t.dense_ms,
+                                 "ranks": list(t.ranks), "factorized_ms": list(t.factorized_ms), "fast_rank": fr})
+            layer.latency = rows
+            layer.fast_rank = fast
+            if fast is not None and (not len(layer.grid) or fast < layer.grid[0]):
+                slow = max(rows, key=lambda r: r["factorized_ms"][0] / max(r["dense_ms"], 1e-9)) if rows else None
+                self.dense_reasons[layer.key] = (
+                    f"not faster factorized on {latency.describe_target()}: at batch {slow['batch']} dense "
+                    f"{slow['dense_ms']:.3f} ms, rank {slow['ranks'][0]} {slow['factorized_ms'][0]:.3f} ms"
+                    if slow and slow["ranks"] else "not faster factorized on this target")
+        self.info["latency"] = {"target": latency.describe_target(), "batches": sorted(feeds_by_batch),
+                                "seconds": round(time.perf_counter() - t0, 3), "cache": str(cache.path),
+                                "cache_hits": cache.hits, "cache_misses": cache.misses}
+
+    def options(self, cost: str) -> list[LayerOptions]:
+        out = []
+        for layer in self.layers:
+            keep = np.ones(len(layer.grid), bool)
+            if layer.fast_rank is not None:
+                keep &= layer.grid <= layer.fast_rank
+            g = layer.grid[keep]
+            if cost == "flops":
+                dense, c = layer.flops(g)
+            else:
+                dense, c = float(layer.dense_params), layer.params[keep]
+            s = np.concatenate(layer.spectra) if len(layer.spectra) > 1 else layer.spectra[0]
+            out.append(LayerOptions(layer.key, g, c, layer.loss()[keep], dense, spectrum=np.sort(s)[::-1]))
+        return out
+
+    def allocate(self, fraction: float, cost: str = "params") -> Allocation:
+        opts = self.options(cost)
+        dense = sum(o.dense_cost for o in opts)
+        budget = fraction * dense
+        try:
+            if self.config.resolved_allocation == "threshold":
+                return allocate_threshold(opts, budget)
+            return allocate(opts, budget)
+        except ValueError:
+            floor = min_cost(opts) / dense if dense else 1.0
+            what = "parameters" if cost == "params" else "FLOPs"
+            raise LrcError(f"--{cost} {fraction:g} is out of reach: the smallest plan keeps {floor:.3f} of the "
+                           f"candidates' {what} (every layer at its lowest rank"
+                           + (", slow layers dense" if any(x.fast_rank is not None for x in self.layers) else "")
+                           + f"); ask for at least {math.ceil(floor * 1000) / 1000:g}"
+                           + (" or pass --size-only" if any(x.fast_rank is not None for x in self.layers) else "")
+                           ) from None
+
+    # ------------------------------------------------------------------ the modes
+
+    def run(self) -> dict[str, int]:
+        """The ranks for the config's budget (``params``, ``flops`` or ``max_drop``)."""
+        cfg = self.config
+        probe_at = cfg.params if cfg.params is not None else 0.5
+        if cfg.resolved_allocation == "sensitivity":
+            self.measure_sensitivity(probe_at)
+        if cfg.budget in ("params", "flops"):
+            fraction = getattr(cfg, cfg.budget)
+            alloc = self.allocate(fraction, cfg.budget)
+            self.info.update(self._describe(alloc, cfg.budget, fraction))
+            return alloc.ranks
+        return self.search(cfg.max_drop)
+
+    def search(self, eps: float) -> dict[str, int]:
+        """Smallest parameter fraction whose measured drop is at most ``eps`` (bisection)."""
+        ev = self.evaluator(search=True)
+        opts = self.options("params")
+        dense = sum(o.dense_cost for o in opts)
+        lo = min_cost(opts) / dense  # smallest reachable: never shown to pass before measuring
+        hi, best = 1.0, None  # the dense model passes by definition (drop 0)
+        walked = []
+
+        def measure(f: float):
+            alloc = self.allocate(f)
+            m = ev.measure(self.build(alloc.ranks))
+            walked.append({"fraction": round(f, 6), "params": alloc.cost, "params_ratio": alloc.cost / dense,
+                           "predicted_loss": alloc.loss, "metric": m.value, "drop": m.drop,
+                           "passed": bool(m.drop <= eps)})
+            return alloc, m.drop <= eps
+
+        f = self._predicted_fraction(opts, eps, lo)
+        bar = tqdm(total=self.config.search_steps, desc="max-drop search", unit="model",
+                   disable=None if self.progress else True, leave=False)
+        for _ in range(self.config.search_steps):
+            alloc, ok = measure(f)
+            bar.update()
+            if ok:
+                hi, best = f, alloc
+            else:
+                lo = f
+            if hi - lo <= 0.01:
+                break
+            f = 0.5 * (lo + hi)
+        bar.close()
+        self.info["search"] = {"max_drop": eps, "evaluator": ev.describe(), "walked": walked}
+        if best is None:
+            tried = min(walked, key=lambda w: w["drop"])
+            raise LrcError(f"no compressed model kept {ev.describe()['metric']} within --max-drop {eps:g}: the "
+                           f"largest tried (params {tried['params_ratio']:.3f}) dropped {tried['drop']:.4g}; "
+                           "raise --max-drop or --search-steps, or add calibration data")
+        self.info.update(self._describe(best, "params", hi))
+        self.info["measured"] = next(w for w in walked if w["fraction"] == round(hi, 6))
+        return best.ranks
+
+    def _predicted_fraction(self, opts: list[LayerOptions], eps: float, lo: float) -> float:
+        """Where to start the search: the fraction whose *predicted* drop is ``eps`` when the
+        prediction is in the metric's own units, else the middle of the range."""
+        if self.config.resolved_allocation != "sensitivity" or (self.config.metric or "") not in ADDITIVE:
+            return 0.5 * (lo + 1.0)
+        a, b = lo, 1.0
+        for _ in range(12):
+            mid = 0.5 * (a + b)
+            if self.allocate(mid).loss <= eps:
+                b = mid
+            else:
+                a = mid
+        return min(max(b, lo), 1.0)
+
+    def _describe(self, alloc: Allocation, kind: str, fraction: float) -> dict:
+        return {"budget_kind": kind, "fraction": fraction, "limit": alloc.budget, "cost": alloc.cost,
+                "achieved_fraction": alloc.cost / alloc.budget * fraction if alloc.budget else None,
+                "predicted_loss": alloc.loss, "solver": alloc.info}
+
+    def annotate(self, records, ranks: dict[str, int]) -> None:
+        """Per-layer plan details on the pipeline's records (sensitivity, predicted loss, FLOPs, latency)."""
+        by_key = {x.key: x for x in self.layers}
+        for rec in records:
+            layer = by_key.get(rec.weight)
+            if layer is None:
+                continue
+            r = ranks.get(layer.key, 0)
+            i = int(np.searchsorted(layer.grid, r)) if r else None
+            rec.sensitivity = layer.sensitivity if "sensitivity" in self.info else None
+            rec.predicted_loss = float(layer.loss()[i]) if i is not None and i < len(layer.grid) else 0.0
+            rec.probes = layer.probes
+            if layer.rows and rec.node in layer.rows and layer.rows[rec.node] is not None:
+                rows = layer.rows[rec.node]
+                cand = next(c for c in layer.cands if c.label == rec.node)
+                kn = sum(m.shape[0] * m.shape[1] for m in cand.matrices)
+                ksum = sum((m.shape[0] if not cand.details.get("lookup") else 0) + m.shape[1] for m in cand.matrices)
+                rec.flops_before = 0.0 if cand.details.get("lookup") else 2.0 * rows * kn
+                rec.flops_after = 2.0 * rows * r * ksum if r else rec.flops_before
+            rec.latency = [t for t in layer.latency if t["node"] == rec.node] or None
+
+
+def _grid_at_most(grid: np.ndarray, r: float) -> int:
+    ok = grid[grid <= r]
+    return int(ok[-1]) if ok.size else (int(grid[0]) if grid.size else 0)
+
+
+def timing_feeds(model: onnx.ModelProto, feed: dict[str, np.ndarray], batches: tuple[int, ...]
+                 ) -> dict[int, dict[str, np.ndarray]]:
+    """The feed at each batch size: rows repeated or cut along axis 0 of every input whose first
+    dimension is dynamic; a model with a fixed batch is timed at its own batch only."""
+    from .feeds import graph_inputs
+
+    dynamic = {}
+    for vi in graph_inputs(model):
+        dims = vi.type.tensor_type.shape.dim
+        dynamic[vi.name] = bool(dims) and not dims[0].HasField("dim_value")
+    if not any(dynamic.get(k) for k in feed):
+        b = next(iter(feed.values())).shape[0] if feed else 1
+        return {int(b): feed}
+    out = {}
+    for b in batches:
+        out[int(b)] = {k: (np.take(v, np.arange(int(b)) % v.shape[0], axis=0) if dynamic.get(k) and v.ndim else v)
+                       for k, v in feed.items()}
+    return out
+
+
+def latency_declines(p, model: onnx.ModelProto, cands: list[Candidate], feeds_by_batch, config: CompileConfig,
+                     *, progress: bool) -> dict:
+    """Latency-aware mode under a per-layer rank policy: time each factorized layer at its planned
+    rank against dense, and keep it dense where it is not faster at every batch."""
+    from . import latency
+
+    planned = {r.node: r.rank for r in p.records if r.decision == "factorized" and r.rank}
+    todo = [c for c in cands if c.label in planned]
+    cache = latency.TimingCache(None if config.timing_cache in (None, "") else config.timing_cache,
+                                enabled=config.timing_cache != "none")
+    t0 = time.perf_counter()
+    timings = latency.time_layers(model, todo, feeds_by_batch, {c.label: [planned[c.label]] for c in todo},
+                                  cache=cache, progress=progress)
+    cache.save()
+    slow_keys: dict[str, str] = {}
+    for c in todo:
+        for t in timings.get(c.label, []):
+            if t.fast_rank() < planned[c.label]:
+                slow_keys.setdefault(c.weight_key, (
+                    f"not faster factorized on {latency.describe_target()}: at batch {t.batch} dense "
+                    f"{t.dense_ms:.3f} ms, rank {planned[c.label]} {t.factorized_ms[0]:.3f} ms"))
+    by_label = {c.label: c for c in cands}
+    for rec in p.records:
+        c = by_label.get(rec.node)
+        rec_t = [t for t in timings.get(rec.node, [])]
+        if rec_t:
+            rec.latency = [{"node": rec.node, "batch": t.batch, "dense_ms": t.dense_ms, "ranks": list(t.ranks),
+                            "factorized_ms": list(t.factorized_ms), "fast_rank": t.fast_rank()} for t in rec_t]
+        if c is not None and c.weight_key in slow_keys and rec.decision == "factorized":
+            rec.decision, rec.reason = "declined", slow_keys[c.weight_key]
+    for key, why in slow_keys.items():
+        p.by_key.pop(key, None)
+        p.declined_keys[key] = why
+    return {"target": latency.describe_target(), "batches": sorted(feeds_by_batch), "kept_dense": len(slow_keys),
+            "seconds": round(time.perf_counter() - t0, 3), "cache": str(cache.path), "cache_hits": cache.hits,
+            "cache_misses": cache.misses}
+
+
+__all__ = ["Layer", "Planner", "build_layers", "count_rows", "latency_declines", "timing_feeds"]
