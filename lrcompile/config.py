@@ -212,7 +212,11 @@ class CompileConfig:
             raise LrcError("--sensitivity-samples and --search-steps must be >= 1")
         if self.val_samples is not None and self.val_samples < 1:
             raise LrcError("--val-samples must be >= 1")
-        if not self.latency_batches or any(int(b) < 1 for b in self.latency_batches):
+        try:
+            object.__setattr__(self, "latency_batches", tuple(int(b) for b in self.latency_batches))
+        except (TypeError, ValueError):
+            raise LrcError(f"--latency-batches {self.latency_batches!r}: give integers (e.g. 1,16)") from None
+        if not self.latency_batches or any(b < 1 for b in self.latency_batches):
             raise LrcError(f"--latency-batches {list(self.latency_batches)}: give batch sizes >= 1 (e.g. 1,16)")
         if self.sequential and budgets:
             raise LrcError("--sequential does not combine with --params/--flops/--max-drop; use one of them")
