@@ -15,12 +15,11 @@ activation whose leading dimensions match the mask.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -97,15 +96,9 @@ def _raw_batches(path: Path, func: str, batch_size: int, model: onnx.ModelProto)
 
         yield from load_feeds(path)
     elif path.suffix == ".py":
-        spec = importlib.util.spec_from_file_location(f"lrcompile_calib_{path.stem}", path)
-        mod = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(mod)
-        except Exception as e:  # noqa: BLE001 - the user's script
-            raise LrcError(f"--calib {path}: the script failed to import: {type(e).__name__}: {e}") from None
-        fn: Callable | None = getattr(mod, func, None)
-        if not callable(fn):
-            raise LrcError(f"--calib {path}: defines no function {func}(); define it to yield feed dicts")
+        from .io import user_function
+
+        fn = user_function(path, func, "--calib", "it to yield feed dicts")
         for feed in fn():
             if not isinstance(feed, dict):
                 raise LrcError(f"--calib {path}: {func}() must yield dicts of input name -> array")

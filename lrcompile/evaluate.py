@@ -34,7 +34,6 @@ and the labels or None, and returns a float, higher is better.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import numbers
@@ -48,6 +47,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from .errors import LrcError
+from .io import user_function
 from .metrics import cosine_rows, logloss, output_error, roc_auc, top1_agreement
 
 log = logging.getLogger(__name__)
@@ -143,17 +143,7 @@ def _load_script(spec: str) -> Callable:
     func = func or SCRIPT_FUNC
     if path.suffix != ".py" or not path.is_file():
         raise LrcError(f"{_OPT_SCRIPT} {spec}: no such Python file; pass file.py or file.py:func")
-    mod_spec = importlib.util.spec_from_file_location(f"lrcompile_metric_{path.stem}", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    try:
-        mod_spec.loader.exec_module(mod)
-    except Exception as e:  # noqa: BLE001 - the user's script
-        raise LrcError(f"{_OPT_SCRIPT} {path}: the script failed to import: {type(e).__name__}: {e}") from None
-    fn = getattr(mod, func, None)
-    if not callable(fn):
-        raise LrcError(f"{_OPT_SCRIPT} {path}: defines no function {func}(); define "
-                       f"{func}(outputs, reference, labels) -> float (higher is better)")
-    return fn
+    return user_function(path, func, _OPT_SCRIPT, f"{func}(outputs, reference, labels) -> float (higher is better)")
 
 
 def _binary(p: np.ndarray) -> bool:

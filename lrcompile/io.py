@@ -177,3 +177,28 @@ def same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
     except OSError:
         return False
+
+
+def user_function(path: Path, func: str, option: str, define: str):
+    """The function ``func`` of the user's Python file ``path``, run only because the user named it
+    (``--calib loader.py``, ``--metric-script metric.py``); one line when it fails to import or lacks it.
+
+    Args:
+        path: the script.
+        func: the function's name.
+        option: the command-line option that named the script (for the error line).
+        define: how to define the function, for the error line (e.g. ``"it to yield feed dicts"``).
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"lrcompile_user_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:  # noqa: BLE001 - the user's script
+        raise LrcError(f"{option} {path}: the script failed to import: {type(e).__name__}: {e}") from None
+    fn = getattr(mod, func, None)
+    if not callable(fn):
+        raise LrcError(f"{option} {path}: defines no function {func}(); define {define}")
+    return fn
+

@@ -225,3 +225,19 @@ def test_a_reference_that_is_not_the_models_is_refused(tmp_path):
     ds = load_dataset(path, eval_feed=tmp_path / "eval.npz", reference=tmp_path / "ref.npz", batch_size=64)
     with pytest.raises(LrcError, match="do not match"):
         run_bench(ds, [], tmp_path / "out", latency=False, trt=False, plots=False, progress=False)
+
+
+def test_budget_rows_get_calibration_data_and_labels(tmp_path):
+    """A --params/--max-drop row needs the calibration data for its sensitivity measurements and,
+    with an AUC metric, the calibration labels; a data-free allocation and plain SVD get none."""
+    from lrcompile.bench import Dataset, _data_options
+
+    ds = Dataset.__new__(Dataset)
+    ds.calib, ds.calib_labels = tmp_path / "calib.npz", tmp_path / "calib_labels.npy"
+    assert _data_options(ds, {"method": "svd", "ratio": 0.5}) == {"method": "svd", "ratio": 0.5}
+    assert _data_options(ds, {"method": "svd", "params": 0.5, "allocation": "threshold"})["method"] == "svd"
+    assert "calib" not in _data_options(ds, {"method": "svd", "params": 0.5, "allocation": "threshold"})
+    opts = _data_options(ds, {"method": "svd", "params": 0.5})
+    assert opts["calib"] == str(ds.calib) and "labels" not in opts
+    opts = _data_options(ds, {"method": "whiten", "max_drop": 0.001, "metric": "auc"})
+    assert opts["calib"] == str(ds.calib) and opts["labels"] == str(ds.calib_labels)
