@@ -17,7 +17,6 @@ Model builds are reused from ``--builds`` (a folder of ``models/build.py`` outpu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -37,7 +36,7 @@ PLANS = {
     "minilm-l6": {
         "common": {"only": ("MatMul",)}, "eval_rows": 500, "large_batch": 16,
         "configs": ["svd:ratio=0.5", "svd:params=0.5;allocation=error", "svd:params=0.5;allocation=threshold",
-                    "whiten:ratio=0.5", "whiten:params=0.5;allocation=error", "whiten:params=0.5",
+                    "whiten:ratio=0.9,0.7,0.5", "whiten:params=0.5;allocation=error", "whiten:params=0.9,0.7,0.5",
                     "whiten:params=0.5;latency_aware=1;latency_batches=1+16"],
     },
     "deepfm-ml100k": {
