@@ -70,8 +70,8 @@ def _plan_plot(res, path: Path, quiet: bool) -> None:
 
     try:
         plan_profile(res.layers, res.report["plan"], path, title=f"{res.input.name}: {res.config.describe_ranks()}")
-    except LrcError as e:
-        log.warning("no plan plot: %s", e)
+    except LrcError:
+        log.warning("no plan plot (%s): matplotlib is not installed; pip install 'lrcompile[plot]'", path.name)
         return
     if not quiet:
         click.echo(f"wrote {path}")

@@ -164,7 +164,6 @@ class Planner:
                 rows = {}
             for layer in self.layers:
                 layer.rows = {c.label: rows.get(c.label) for c in layer.cands}
-        self.dense_params = sum(x.dense_params for x in self.layers)
         self.dense_reasons: dict[str, str] = {}
         self._sens_eval = None
         self._search_eval = None
@@ -217,6 +216,8 @@ class Planner:
         ev = self.evaluator(search=False)
         jobs = []
         for layer in self.layers:
+            if layer.fast_rank is not None and (not len(layer.grid) or layer.fast_rank < layer.grid[0]):
+                continue  # kept dense for latency: its sensitivity does not matter
             k, n = layer.cands[0].matrices[0].shape
             for f in PROBE_FRACTIONS:
                 r = _grid_at_most(layer.grid, f * fraction * break_even_rank(k, n))
