@@ -3,8 +3,9 @@
 
 Three questions, each answered by ``lrcompile bench`` rows measured side by side in one run:
 
-1. **Non-uniform vs uniform** (MiniLM, 50% of MatMul params): ``--ratio 0.5`` (every layer
-   keeps half) against ``--params 0.5`` with each allocation rule, same method.
+1. **Non-uniform vs uniform** (MiniLM at 90/70/50% of MatMul params; the CTR models and the
+   CNN data-free too): ``--ratio`` (every layer keeps the same share) against ``--params`` with
+   each allocation rule, same method.
 2. **Accuracy budget** (DeepFM, DCN-v2): ``--max-drop 0.001 --metric auc`` searched on the
    calibration rows; how small a model it finds and its test AUC.
 3. **Latency-aware mode** (every test-bed model): the compressed model's ORT CPU latency against
@@ -41,17 +42,20 @@ PLANS = {
     },
     "deepfm-ml100k": {
         "common": {}, "eval_rows": None, "large_batch": 512,
-        "configs": ["whiten:ratio=0.25", "whiten:max_drop=0.001;metric=auc",
+        "configs": ["svd:ratio=0.25", "svd:params=0.25;allocation=error,threshold",
+                    "whiten:ratio=0.25", "whiten:params=0.25", "whiten:max_drop=0.001;metric=auc",
                     "whiten:max_drop=0.001;metric=auc;latency_aware=1;latency_batches=1+512"],
     },
     "dcnv2-ml100k": {
         "common": {}, "eval_rows": None, "large_batch": 512,
-        "configs": ["whiten:ratio=0.25", "whiten:max_drop=0.001;metric=auc",
+        "configs": ["svd:ratio=0.25", "svd:params=0.25;allocation=error,threshold",
+                    "whiten:ratio=0.25", "whiten:params=0.25", "whiten:max_drop=0.001;metric=auc",
                     "whiten:max_drop=0.001;metric=auc;latency_aware=1;latency_batches=1+512"],
     },
     "cnn-digits": {
         "common": {}, "eval_rows": None, "large_batch": 256,
-        "configs": ["whiten:ratio=0.5", "whiten:ratio=0.5;latency_aware=1;latency_batches=1+256",
+        "configs": ["svd:ratio=0.5,0.25", "svd:params=0.5,0.25;allocation=error,threshold",
+                    "whiten:ratio=0.5", "whiten:ratio=0.5;latency_aware=1;latency_batches=1+256",
                     "whiten:params=0.5;latency_aware=1;latency_batches=1+256"],
     },
 }
