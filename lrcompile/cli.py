@@ -225,6 +225,10 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, no_verify, d
                 click.echo(f"\nORT latency ({', '.join(lat['providers'])}): original {lat['original']['median_ms']:.3f} ms, "
                            f"compressed {lat['compressed']['median_ms']:.3f} ms (median of {lat['repeats']}, "
                            f"interleaved); speedup x{lat['speedup']:.2f}")
+                if lat["speedup"] < 1 and res.config.resolved_latency_aware:
+                    log.warning("the compressed model ran slower than the original on the verification inputs "
+                                "although every factorized layer timed faster alone: ORT fuses across layers "
+                                "in the whole model; try --latency-batches with your deployment batch sizes")
             eng = res.target.get("engine")
             if eng:
                 click.echo(f"\nTensorRT engine ({eng.get('backend')} {eng.get('version')}): {eng['path']} "
