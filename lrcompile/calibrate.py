@@ -12,6 +12,13 @@ tensors exposed as extra outputs; each batch is folded into float64 sums
 (``lrcompile.factorize.stats``) and dropped, so memory is bounded by the sums, not the data.
 A mask input (``attention_mask``) drops padding rows: its zeros remove the matching rows of every
 activation whose leading dimensions match the mask.
+
+With a ``reference`` model (sequential calibration: ``model`` is partly compressed, ``reference``
+the original) both run on every batch and each request also accumulates the cross-Gram
+``X'^T X`` and the original Gram ``X^T X`` of the same tensor (same rows, same mask), for target
+correction (``lrcompile.factorize.whiten``). Rewrites only add tensors (the factor chains'
+intermediates) and keep the names of the tensors they consume and produce, so a candidate's input
+exists in both models; a request whose tensor the reference lacks is collected without them.
 """
 from __future__ import annotations
 
@@ -135,8 +142,12 @@ def collect_stats(
     mask_input: str | None = None,
     progress: bool = False,
     total: int | None = None,
+    reference: onnx.ModelProto | None = None,
 ) -> tuple[dict[str, list[LayerStats]], dict]:
     """Accumulate second moments for each request over ``batches``.
+
+    ``reference``: the original model, run on the same batches; its activations of the same
+    tensors give each (non-lookup) request ``cross`` and ``ref_gram`` (module docstring).
 
     Returns, by request key, one LayerStats per group (a single one except for grouped convs),
     and a summary (samples seen, rows kept by the mask, bytes held).
@@ -144,7 +155,13 @@ def collect_stats(
     from .io import write_model
     from .targets.ort import session
 
-    accs = {key: [StatsAccumulator(r.k) for _ in range(r.groups)] for key, r in requests.items() if not r.lookup}
+    ref_names: list[str] = []
+    if reference is not None:
+        have = _tensor_names(reference)
+        ref_names = sorted({r.tensor for r in requests.values() if not r.lookup and r.tensor in have})
+    paired = {key for key, r in requests.items() if r.tensor in ref_names}
+    accs = {key: [StatsAccumulator(r.k, cross=key in paired) for _ in range(r.groups)]
+            for key, r in requests.items() if not r.lookup}
     counts = {key: np.zeros(r.k, np.float64) for key, r in requests.items() if r.lookup}
     names = sorted({r.tensor for r in requests.values()})
     seen = kept = 0
@@ -153,9 +170,15 @@ def collect_stats(
         path = Path(tmp) / "calib.onnx"
         write_model(_with_outputs(model, names), path)
         sess = session(path, ["CPUExecutionProvider"])
+        ref_sess = None
+        if ref_names:
+            ref_path = Path(tmp) / "reference.onnx"
+            write_model(_with_outputs(reference, ref_names), ref_path)
+            ref_sess = session(ref_path, ["CPUExecutionProvider"])
         bar = tqdm(total=total, desc="calibrate", unit="sample", disable=None if progress else True, leave=False)
         for feed in batches:
             outs = dict(zip(names, sess.run(names, feed)))
+            refs = dict(zip(ref_names, ref_sess.run(ref_names, feed))) if ref_sess is not None else {}
             mask = None
             if mask_input is not None:
                 if mask_input not in feed:
@@ -163,6 +186,9 @@ def collect_stats(
                 mask = np.asarray(feed[mask_input]) != 0
             for key, req in requests.items():
                 x = outs[req.tensor]
+                xr = refs.get(req.tensor) if key in paired else None
+                if xr is not None and xr.shape != x.shape:
+                    raise AssertionError(f"activation {req.tensor!r} is {x.shape} here, {xr.shape} in the reference")
                 if req.lookup:
                     m = _row_mask(mask, x.shape)
                     idx = (x[m] if m is not None else x).ravel() % req.k
@@ -170,15 +196,16 @@ def collect_stats(
                     continue
                 if req.conv is not None:
                     for i in range(x.shape[0]):  # one image at a time bounds the im2col copy
-                        for acc, rows in zip(accs[key], im2col(x[i:i + 1], req.conv)):
-                            acc.update(rows)
+                        ref_rows = im2col(xr[i:i + 1], req.conv) if xr is not None else [None] * req.groups
+                        for acc, rows, rr in zip(accs[key], im2col(x[i:i + 1], req.conv), ref_rows):
+                            acc.update(rows, ref=rr)
                     continue
                 if x.ndim < 1 or x.shape[-1] != req.k:
                     raise AssertionError(f"activation {req.tensor!r} has shape {x.shape}, expected [..., {req.k}]")
                 m = _row_mask(mask, x.shape[:-1])
                 if mask is not None and m is None:
                     unmasked.add(req.tensor)
-                accs[key][0].update(x, mask=m)
+                accs[key][0].update(x, mask=m, ref=xr)
             seen += _rows(feed)
             if mask is not None:
                 kept += int(mask.sum())
@@ -190,9 +217,17 @@ def collect_stats(
             "stats_bytes": int(sum(a.nbytes for group in accs.values() for a in group)
                                + sum(c.nbytes for c in counts.values())),
             "unmasked_tensors": sorted(unmasked), "layers": len(accs) + len(counts)}
+    if reference is not None:
+        info["target_corrected_layers"] = len(paired)
     out = {key: [a.result() for a in group] for key, group in accs.items()}
     out.update({key: [LayerStats(count=int(c.sum()), in_sum=c, abs_sum=c.copy())] for key, c in counts.items()})
     return out, info
+
+
+def _tensor_names(model: onnx.ModelProto) -> set[str]:
+    g = model.graph
+    return ({n for node in g.node for n in node.output} | {i.name for i in g.input}
+            | {t.name for t in g.initializer})
 
 
 def default_mask_input(model: onnx.ModelProto) -> str | None:

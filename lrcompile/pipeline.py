@@ -360,7 +360,9 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
                           unit="stage", disable=None if progress else True, leave=False):
             stats = None
             if stage[0].activation is not None:
-                stats, info = _calibrate(export(analysis.graph, model), stage, config, progress=False)
+                # target correction: fit to the original's outputs once anything was rewritten
+                stats, info = _calibrate(export(analysis.graph, model), stage, config, progress=False,
+                                         reference=model if p.by_key else None)
                 calib_info["stages"].append(info)
             plan(stage, config, stats=stats, fisher=fisher, into=p)
             apply(ctx, stage, p)
@@ -485,9 +487,10 @@ def _build_target(config: CompileConfig, src: Path, model_path: Path, dest_dir: 
     return {}, []
 
 
-def _calibrate(model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *, progress: bool
-               ) -> tuple[dict[str, list[LayerStats]], dict]:
-    """Activation statistics of the candidates' inputs on the calibration data."""
+def _calibrate(model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *, progress: bool,
+               reference: onnx.ModelProto | None = None) -> tuple[dict[str, list[LayerStats]], dict]:
+    """Activation statistics of the candidates' inputs on the calibration data; with ``reference``
+    (the original of a partly compressed ``model``) also the cross statistics of target correction."""
     from .calibrate import CalibSource, collect_stats, default_mask_input, iter_calibration
 
     requests = dict(r for r in map(stat_request, cands) if r is not None)
@@ -497,7 +500,7 @@ def _calibrate(model: onnx.ModelProto, cands: list[Candidate], config: CompileCo
         None if config.mask_input in (None, "none") else config.mask_input)
     src = CalibSource(config.calib, config.calib_samples, config.calib_batch)
     return collect_stats(model, requests, iter_calibration(src, model), mask_input=mask, progress=progress,
-                         total=config.calib_samples)
+                         total=config.calib_samples, reference=reference)
 
 
 def _fisher(model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *, progress: bool

@@ -173,3 +173,62 @@ def test_shared_weight_calibrated_on_all_its_inputs(tmp_path):
     g = x.astype(np.float64).T @ x + z.astype(np.float64).T @ z
     want = factorize(w, RankPolicy(rank=6, multiple=1), "whiten", LayerStats(count=128, gram=g))
     np.testing.assert_allclose(a @ c, want.a @ want.c, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_model_gives_cross_gram_streamed_and_masked(tmp_path, seq_model):
+    """Sequential target correction: the compressed model's inputs X' against the original's X of
+    the same tensor, same rows, same mask; streamed sums equal the all-at-once products."""
+    x, mask = _calib()
+    np.savez(tmp_path / "c.npz", x=x, attention_mask=mask)
+    ref = onnx.load(str(seq_model))
+    comp = onnx.load(str(seq_model))
+    w1c = trained_like(32, 64, 1) + 0.1 * RNG.standard_normal((32, 64)).astype(np.float32)
+    for init in comp.graph.initializer:
+        if init.name == "W1":
+            init.CopyFrom(onnx.numpy_helper.from_array(w1c.astype(np.float32), "W1"))
+    comp.graph.node.append(helper.make_node("Identity", ["x"], ["x_only_here"]))  # a tensor the reference lacks
+    src = CalibSource(str(tmp_path / "c.npz"), batch_size=7)
+    reqs = {"r": StatRequest("r", 64), "xo": StatRequest("x_only_here", 32)}
+    stats, info = collect_stats(comp, reqs, iter_calibration(src, comp), mask_input="attention_mask",
+                                reference=ref)
+    keep = mask.reshape(-1) != 0
+    x64 = x.astype(np.float64)
+    r = np.maximum(x64 @ trained_like(32, 64, 1).astype(np.float64), 0).reshape(-1, 64)[keep]
+    rc = np.maximum(x64 @ w1c.astype(np.float64), 0).reshape(-1, 64)[keep]
+    st = stats["r"][0]
+    assert st.count == keep.sum() and info["target_corrected_layers"] == 1
+    np.testing.assert_allclose(st.gram, rc.T @ rc, rtol=1e-4)
+    np.testing.assert_allclose(st.cross, rc.T @ r, rtol=1e-4, atol=1e-6 * np.abs(rc.T @ r).max())
+    np.testing.assert_allclose(st.ref_gram, r.T @ r, rtol=1e-4)
+    assert stats["xo"][0].cross is None  # not in the reference: plain statistics
+    # one batch holding everything gives the same sums
+    whole, _ = collect_stats(comp, reqs, iter_calibration(CalibSource(str(tmp_path / "c.npz"), batch_size=100), comp),
+                             mask_input="attention_mask", reference=ref)
+    np.testing.assert_allclose(whole["r"][0].cross, st.cross, rtol=1e-9, atol=1e-9)
+
+
+def test_sequential_fits_later_layers_to_the_original_outputs(tmp_path, seq_model):
+    """--sequential: after fc1 is compressed, fc2 is fitted to the original's fc2 output from the
+    compressed model's inputs (target correction), so on the calibration rows the model's output
+    error is below one-shot's (which fits fc2 to inputs it never gets)."""
+    rng = np.random.default_rng(11)  # own generator: the margin must not depend on test order
+    x = (rng.standard_normal((40, 12, 32)) @ np.diag(np.linspace(3, 0.1, 32))).astype(np.float32)
+    mask = (np.arange(12)[None, :] < rng.integers(3, 13, 40)[:, None]).astype(np.int64)
+    np.savez(tmp_path / "c.npz", x=x, attention_mask=mask)
+    opts = dict(method="whiten", calib=str(tmp_path / "c.npz"), rank=6, multiple=1, min_params=0, verify=False)
+    seq = lrcompile.compile(seq_model, tmp_path / "s.onnx", sequential=True, **opts)
+    one = lrcompile.compile(seq_model, tmp_path / "o.onnx", **opts)
+    stages = seq.report["calibration"]["stages"]
+    assert [s.get("target_corrected_layers") for s in stages] == [None, 1]  # stage 1 has nothing upstream
+    rec = {r.node: r for r in seq.layers}
+    assert rec["fc2"].info.get("target_correction") is True and "target_correction" not in rec["fc1"].info
+    feed = {"x": x, "attention_mask": mask}
+
+    def err(path):
+        y = ort.InferenceSession(str(path)).run(None, feed)[0]
+        y0 = ort.InferenceSession(str(seq_model)).run(None, feed)[0]
+        return float(np.linalg.norm(y - y0) / np.linalg.norm(y0))
+    e_seq, e_one = err(seq.output), err(one.output)
+    assert e_seq < 0.97 * e_one
+    # fc2's reported objective is the end-to-end one: ||X' A C - X B|| / ||X B|| on the kept rows
+    assert 0 < rec["fc2"].objective_error < 1

@@ -75,6 +75,12 @@ class LayerStats:
         out_sum: ``sum y`` per output channel ``[N]`` (y = layer output), for output-side methods.
         out_gram: ``Y^T Y`` summed over rows ``[N, N]``.
         fisher: Fisher information of the weight ``[K, N]`` (sum of squared loss gradients).
+        cross: ``X'^T X`` ``[K, K]``, for target correction (sequential calibration): ``X'`` are
+            the layer's inputs in the partly compressed model (``gram`` is then ``X'^T X'``),
+            ``X`` the original model's inputs for the same rows. With it, whitened SVD fits
+            ``X' A C`` to the original output ``X B`` instead of ``X' B`` (see ``whiten``).
+        ref_gram: ``X^T X`` ``[K, K]`` of the original inputs (collected with ``cross``): gives
+            ``||X B||`` and the objective's constant, for ``objective_error``.
     """
 
     count: int
@@ -84,6 +90,8 @@ class LayerStats:
     out_sum: np.ndarray | None = None
     out_gram: np.ndarray | None = None
     fisher: np.ndarray | None = None
+    cross: np.ndarray | None = None
+    ref_gram: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

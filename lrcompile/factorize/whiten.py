@@ -35,6 +35,24 @@ the chain is the best constant for a given ``A C`` (it removes the mean of the o
 helps when inputs have a non-zero mean (after ReLU/GELU, LayerNorm with bias, embeddings) and costs
 only ``N`` parameters. For whitened SVD, ``bias_correction=True`` also whitens with the *centred*
 Gram ``G - T mu^T mu``, which makes ``(A C, d)`` jointly optimal for ``||X(B - AC) - 1 d||_F``.
+
+Target correction (SVD-LLM v2-style; sequential calibration): when the layer's inputs in the
+partly compressed model ``X'`` differ from the original's ``X`` on the same rows, fit the
+compressed layer to the *original* output, ``min ||X' A C - X B||_F``, not to ``X' B``. With
+``G' = X'^T X'`` (``stats.gram``), ``H = X'^T X`` (``stats.cross``) and the damping term
+``lambda s ||A C - B||_F^2`` (``s = tr(G')/K``, the same prior towards ``B`` as above):
+
+    ||X' M - X B||^2 + lambda s ||M - B||^2 = ||R^T (M - B*)||_F^2 + const,
+    G' + lambda s I = R R^T,   B* = (G' + lambda s I)^-1 (H B + lambda s B),
+
+so the rank-r optimum is exactly the whitened truncated SVD above applied to ``B*`` instead of
+``B`` (at full rank ``A C = B*``, the ridge least-squares solution; with ``X' = X``, ``B* = B``
+and this is plain whitening). The damping pulls ``B*`` towards ``B`` where ``X'`` carries little
+data, never towards 0. ``objective_error`` is ``||X' A C - X B||_F / ||X B||_F`` (undamped),
+from ``tr(M^T G' M) - 2 tr(M^T H B) + tr(B^T G B)`` with ``G = X^T X`` (``stats.ref_gram``).
+``energy``/``max_error`` policies read the spectrum of ``R^T B*`` (the part of the target that
+``X'`` can reach). With ``bias_correction`` the cross statistics are ignored (plain whitening on
+``X'``).
 """
 from __future__ import annotations
 
@@ -193,13 +211,26 @@ def factorize_whiten(
     scale = float(np.trace(g)) / k
     if not scale > 0:
         raise ValueError("the calibration Gram is zero: the layer saw no (non-zero) inputs")
-    root_t, root_t_solve, info = _sqrt_factor(g + (damping * scale) * np.eye(k))
+    lam = damping * scale
+    gd = g + lam * np.eye(k)
+    root_t, root_t_solve, info = _sqrt_factor(gd)
     svd_opts = {"solver": solver, "seed": seed, "oversample": oversample, "power_iters": power_iters}
-    a, c, r, spectrum = lowrank_in_metric(b64, root_t, root_t_solve, policy, **svd_opts)
+    corrected = stats.cross is not None and not bias_correction
+    target = _corrected_target(b64, gd, stats, lam) if corrected else b64
+    a, c, r, spectrum = lowrank_in_metric(target, root_t, root_t_solve, policy, **svd_opts)
 
     e = b64 - a @ c
-    num = float(np.sum((g @ e) * e))
-    den = float(np.sum((stats.gram @ b64) * b64))
+    if corrected:
+        if stats.ref_gram is None:
+            raise ValueError("target correction needs ref_gram (X^T X of the original inputs) with cross")
+        m = a @ c
+        den = float(np.sum((stats.ref_gram @ b64) * b64))
+        num = float(np.sum((stats.gram @ m) * m)) - 2.0 * float(np.sum(m * (stats.cross @ b64))) + den
+        info["target_correction"] = True
+        info["target_shift"] = rel_norm(target - b64, b64)
+    else:
+        num = float(np.sum((g @ e) * e))
+        den = float(np.sum((stats.gram @ b64) * b64))
     bias = None
     if bias_correction:
         bias = mean_correction(b64, a, c, stats).astype(dtype)
@@ -220,6 +251,20 @@ def factorize_whiten(
             "calib_rows": int(stats.count),
         },
     )
+
+
+def _corrected_target(b64: np.ndarray, gd: np.ndarray, stats: LayerStats, lam: float) -> np.ndarray:
+    """``B* = (G' + lam I)^-1 (H B + lam B)``: the (ridge) least-squares map from the compressed
+    model's inputs to the original output (module docstring)."""
+    k = b64.shape[0]
+    h = np.asarray(stats.cross, np.float64)
+    if h.shape != (k, k):
+        raise ValueError(f"cross is {h.shape}, weight needs ({k}, {k})")
+    rhs = h @ b64 + lam * b64
+    try:
+        return sla.solve(gd, rhs, assume_a="pos")
+    except (np.linalg.LinAlgError, sla.LinAlgError):
+        return np.linalg.lstsq(gd, rhs, rcond=None)[0]
 
 
 def out_dtype(b: np.ndarray) -> np.dtype:
