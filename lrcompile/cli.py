@@ -143,7 +143,8 @@ def main() -> None:
               help="Input whose zeros mark padding rows ('auto': attention_mask if present; 'none').")
 @click.option("--method-option", "method_options", multiple=True, help="Factorizer option KEY=VALUE (repeatable).")
 @click.option("--layer-method", "layer_methods", multiple=True, help="Per-layer method REGEX=METHOD (repeatable).")
-@click.option("--sequential", is_flag=True, help="Calibrate each layer on the outputs of already-compressed ones.")
+@click.option("--sequential", is_flag=True, help="Calibrate each layer on the outputs of already-compressed ones "
+              "and fit it to the original's outputs (slower, more accurate).")
 @click.option("--fisher", help="fwsvd: Fisher .npz (weight name -> squared-gradient sums), or 'collect' (torch).")
 @click.option("--labels", help="Labels .npy of the --calib rows, for --fisher collect and the auc/logloss metrics (default: __labels__ in the --calib .npz).")
 @click.option("--loss", type=click.Choice(["auto", "bce", "ce", "mse"]), default="auto", show_default=True,

@@ -51,7 +51,9 @@ class CompileConfig:
         method_options: extra keyword options for the factorizer (e.g. ``{"damping": 0.01}``).
         layer_methods: ``("regex=method", ...)``: per-layer method overrides, first match wins.
         sequential: calibrate each layer on activations produced by the already-compressed
-            layers before it (one ORT pass per stage) instead of one pass on the original.
+            layers before it and fit it to the original model's outputs (target correction; one
+            ORT pass of both models per stage) instead of one pass on the original. Under a
+            global budget the ranks come from the one-shot planner, the factors from the stages.
         fisher: Fisher information for ``fwsvd``: an .npz of weight name -> summed squared
             gradients (stored layout), or ``"collect"`` to compute it from the calibration data
             and labels with torch (``lrcompile[fisher]``).
@@ -204,6 +206,9 @@ class CompileConfig:
                 raise LrcError(f"--metric {self.metric!r}: choose one of {', '.join(sorted(METRICS))}, or script")
             if (self.metric == "script") != bool(self.metric_script):
                 raise LrcError("--metric script and --metric-script FILE.py[:func] go together")
+        if self.sequential and self.max_drop is not None:
+            raise LrcError("--max-drop measures one-shot models in its search, so it cannot promise the drop of a "
+                           "--sequential one; use --sequential with --params or --flops")
         if self.allocation not in ALLOCATIONS:
             raise LrcError(f"--allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         if self.allocation == "sensitivity" and not self.calib:
@@ -218,8 +223,6 @@ class CompileConfig:
             raise LrcError(f"--latency-batches {self.latency_batches!r}: give integers (e.g. 1,16)") from None
         if not self.latency_batches or any(b < 1 for b in self.latency_batches):
             raise LrcError(f"--latency-batches {list(self.latency_batches)}: give batch sizes >= 1 (e.g. 1,16)")
-        if self.sequential and budgets:
-            raise LrcError("--sequential does not combine with --params/--flops/--max-drop; use one of them")
 
     @property
     def budget(self) -> str | None:

@@ -354,7 +354,17 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     ctx = RewriteContext(analysis.graph, Namer(analysis.graph))
     fisher = _fisher(model, analysis.candidates, config, progress=progress)
     calib_info = None
+    planner = plan_info = None
     if config.calib and config.sequential:
+        ranks = reasons = None
+        if config.budget is not None or config.resolved_latency_aware:
+            # the ranks come from one-shot statistics (the planner's error curves and sensitivities);
+            # the factors are then fitted stage by stage on the partly compressed model
+            stats0, _ = _calibrate(model, analysis.candidates, config, progress=progress)
+            p0, planner, plan_info = _plan_ranks(model, analysis, config, stats0, fisher, feeds_list,
+                                                 progress=progress)
+            ranks = {r.weight: (r.rank if r.decision == "factorized" else 0) for r in p0.records}
+            reasons = dict(p0.declined_keys)
         p, calib_info = Plan(), {"mode": "sequential", "stages": []}
         for stage in tqdm(stages(analysis.graph, analysis.candidates), desc="sequential calibration",
                           unit="stage", disable=None if progress else True, leave=False):
@@ -364,8 +374,16 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
                 stats, info = _calibrate(export(analysis.graph, model), stage, config, progress=False,
                                          reference=model if p.by_key else None)
                 calib_info["stages"].append(info)
-            plan(stage, config, stats=stats, fisher=fisher, into=p)
+            plan(stage, config, stats=stats, fisher=fisher, into=p, ranks=ranks, dense_reasons=reasons)
             apply(ctx, stage, p)
+        if ranks is not None:  # carry the planner's per-layer details over to the final records
+            before = {r.node: r for r in p0.records}
+            for r in p.records:
+                b = before.get(r.node)
+                if b is not None:
+                    r.sensitivity, r.predicted_loss, r.probes = b.sensitivity, b.predicted_loss, b.probes
+                    r.flops_before, r.latency = b.flops_before, b.latency
+                    r.flops_after = b.flops_after if r.decision == "factorized" else b.flops_before
         t["calibrate"] = t["factorize"] = time.perf_counter()
     else:
         stats = None
@@ -377,8 +395,6 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
         t["factorize"] = time.perf_counter()
         if p.by_key:
             apply(ctx, analysis.candidates, p)
-    if config.calib and config.sequential:
-        planner, plan_info = None, None
     records = p.records + decline_records(analysis.declines)
     if not p.by_key:
         slow = any("not faster" in r.reason for r in records)

@@ -231,3 +231,20 @@ def test_cli_budget_writes_plan_table_report_and_plot(mlp, tmp_path):
     assert all("sensitivity" in lay for lay in data["layers"])
     png = rep.with_suffix(".plan.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sequential_under_a_budget_keeps_the_planned_ranks(mlp, tmp_path):
+    """--sequential with --params: the one-shot planner picks the ranks, the stages fit the factors;
+    the budget still holds in the output graph."""
+    kw = dict(params=0.5, calib=str(tmp_path / "calib.npz"), min_params=0, sensitivity_samples=32)
+    one = lrcompile.compile(mlp, tmp_path / "one.onnx", **kw)
+    seq = lrcompile.compile(mlp, tmp_path / "seq.onnx", sequential=True, **kw)
+    ranks = lambda res: {r.node: (r.rank if r.decision == "factorized" else 0) for r in res.layers}  # noqa: E731
+    assert ranks(seq) == ranks(one)
+    assert seq.report["calibration"]["mode"] == "sequential" and seq.report["plan"]["budget"] == "params"
+    kept, dense = _candidate_params_after(mlp, tmp_path / "seq.onnx")
+    assert kept <= 0.5 * dense
+    assert all(r.sensitivity is not None for r in seq.layers if r.op == "MatMul" and r.weight)
+    with pytest.raises(LrcError, match="--max-drop"):
+        lrcompile.compile(mlp, tmp_path / "x.onnx", sequential=True, max_drop=0.01, metric="cosine",
+                          calib=str(tmp_path / "calib.npz"))
