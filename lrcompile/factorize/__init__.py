@@ -51,6 +51,7 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("whiten", ".whiten:factorize_whiten", frozenset({"gram"}), "activation-whitened SVD (SVD-LLM): min ||X(B - AC)||"),
         MethodInfo("asvd", ".asvd:factorize_asvd", frozenset({"abs_sum"}), "SVD scaled by mean |x|^alpha per input channel (ASVD)"),
         MethodInfo("fwsvd", ".fwsvd:factorize_fwsvd", frozenset({"fisher"}), "Fisher-weighted SVD, row importance from squared gradients (FWSVD)"),
+        MethodInfo("kfac", ".kfac:factorize_kfac", frozenset({"gram", "grad_gram"}), "two-sided weighted SVD: inputs x output sensitivity (K-FAC curvature)"),
         MethodInfo("afm", ".afm:factorize_afm", frozenset({"out_sum", "out_gram"}), "output-feature PCA with mean correction (AFM)"),
         MethodInfo("rowfreq", ".embedding:factorize_rowfreq", frozenset({"in_sum"}), "embedding table whitened by lookup frequency (whiten on one-hot rows)", internal=True),
     )

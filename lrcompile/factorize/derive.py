@@ -37,7 +37,7 @@ def sum_stats(parts: list[LayerStats]) -> LayerStats:
     weight that several layers share, each seeing its own inputs."""
     if len(parts) == 1:
         return parts[0]
-    fields = ("gram", "abs_sum", "in_sum", "out_sum", "out_gram", "fisher", "cross", "ref_gram")
+    fields = ("gram", "abs_sum", "in_sum", "out_sum", "out_gram", "fisher", "cross", "ref_gram", "grad_gram")
     merged = {f: None if any(getattr(p, f) is None for p in parts) else sum(getattr(p, f) for p in parts)
               for f in fields}
     return LayerStats(count=sum(p.count for p in parts), **merged)

@@ -81,6 +81,8 @@ class LayerStats:
             ``X' A C`` to the original output ``X B`` instead of ``X' B`` (see ``whiten``).
         ref_gram: ``X^T X`` ``[K, K]`` of the original inputs (collected with ``cross``): gives
             ``||X B||`` and the objective's constant, for ``objective_error``.
+        grad_gram: ``sum_t g_t^T g_t`` ``[N, N]`` of the loss gradients ``g = dLoss/dy`` at the
+            layer's output rows (the output side of a Kronecker-factored curvature, for ``kfac``).
     """
 
     count: int
@@ -92,6 +94,7 @@ class LayerStats:
     fisher: np.ndarray | None = None
     cross: np.ndarray | None = None
     ref_gram: np.ndarray | None = None
+    grad_gram: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
