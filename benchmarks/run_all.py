@@ -39,7 +39,7 @@ STANDARD = {
     "dcnv2-ml100k": {"common": {}, "budgets": (0.5, 0.25), "large_batch": 512, "eval_rows": None},
     "cnn-digits": {"common": {}, "budgets": (0.7, 0.5), "large_batch": 256, "eval_rows": None},
 }
-LATENCY = {"full": {"warmup": 3, "repeats": 20, "large_repeats": 6},
+LATENCY = {"full": {"warmup": 3, "repeats": 20, "large_repeats": 6, "min_seconds": 1.0},
            "fast": {"warmup": 1, "repeats": 3, "large_repeats": 3}}
 
 
@@ -118,7 +118,9 @@ def markdown(runs: list[dict], env: dict, seconds: float, fast: bool, load_start
             f"Task {res['task']}, scored output `{res['output']}`, primary metric **{res['primary']}**, "
             f"{s['eval_rows']} eval rows. Budgets (`--ratio`): {', '.join(map(str, run['budgets']))}"
             + (f"; options: {opts}" if opts else "") + "."
-            + (f" Latency: batches {lat['batches']}, repeats {lat['repeats']}." if lat else "")
+            + (f" Latency: batches {lat['batches']}, repeats {lat['repeats']}"
+               + (f" (or more: at least {lat['min_seconds']:g} s of timing per batch)" if lat.get("min_seconds") else "")
+               + "." if lat else "")
             + f" Build {run['build_s']:.0f} s, bench {res['seconds']:.0f} s.",
             "",
         ]

@@ -337,14 +337,16 @@ def _trt(path: Path, shapes: dict[str, tuple], engine: Path) -> dict:
         engine.unlink(missing_ok=True)
 
 
-def _latency(orig: Path, comp: Path, feed: dict, batches: dict[str, tuple[int, int, int]]) -> dict:
+def _latency(orig: Path, comp: Path, feed: dict, batches: dict[str, tuple[int, int, int]],
+             min_seconds: float = 0.0) -> dict:
     from .targets.ort import compare_latency
 
     out = {}
     for tag, (b, warmup, repeats) in batches.items():
-        lat = compare_latency(orig, comp, _take(feed, b), warmup=warmup, repeats=repeats, providers=PROVIDERS)
+        lat = compare_latency(orig, comp, _take(feed, b), warmup=warmup, repeats=repeats, providers=PROVIDERS,
+                              min_seconds=min_seconds)
         out.update({f"lat_{tag}_orig_ms": lat["original"]["median_ms"], f"lat_{tag}_ms": lat["compressed"]["median_ms"],
-                    f"lat_{tag}_ratio": lat["ratio"]})
+                    f"lat_{tag}_ratio": lat["ratio"], f"lat_{tag}_repeats": lat["repeats"]})
     return out
 
 
@@ -424,7 +426,8 @@ def weight_spectra(model_path: Path, count: int, common: dict) -> dict[str, np.n
 
 def run_bench(ds: Dataset, configs: list[BenchConfig], out: str | Path, *, common: dict | None = None,
               latency: bool = True, batch: int = 1, large_batch: int = 64, warmup: int = 3, repeats: int = 20,
-              large_repeats: int | None = None, trt: bool = True, plots: bool = True, rank_config: str | None = None,
+              large_repeats: int | None = None, min_seconds: float = 0.0, trt: bool = True, plots: bool = True,
+              rank_config: str | None = None,
               spectra_layers: int = 4, keep_models: bool = False, progress: bool = True) -> dict:
     """Measure the original and every configuration; write results.json/csv and the plots.
 
@@ -435,7 +438,9 @@ def run_bench(ds: Dataset, configs: list[BenchConfig], out: str | Path, *, commo
         common: CompileConfig options applied to every configuration (e.g. ``{"only": ("MatMul",)}``).
         latency / batch / large_batch / warmup / repeats: ORT CPU latency comparison settings;
             ``large_repeats`` (default ``repeats``) for the large batch, whose warm-up is one run
-            per ten repeats (at least one).
+            per ten repeats (at least one); ``min_seconds``: keep repeating (interleaved) until the
+            two models have been timed that long together at each batch (short runs get enough
+            samples for a stable median).
         trt: build TensorRT engines (skipped with a note when TensorRT is not installed).
         plots: write the PNGs (needs matplotlib).
         rank_config: label of the configuration whose per-layer ranks are plotted (default: the
@@ -504,7 +509,7 @@ def run_bench(ds: Dataset, configs: list[BenchConfig], out: str | Path, *, commo
                 row.update(_score(ds, y, base))
                 lap("eval")
                 if latency:
-                    row.update(_latency(ds.model, dst, ds.feed, batches))
+                    row.update(_latency(ds.model, dst, ds.feed, batches, min_seconds))
                     lap("latency")
                 if trt:
                     row.update(_trt(dst, shapes_big, work / f"{cfg.slug}.engine"))
@@ -551,7 +556,7 @@ def run_bench(ds: Dataset, configs: list[BenchConfig], out: str | Path, *, commo
                      "common_options": {k: list(v) if isinstance(v, tuple) else v for k, v in common.items()},
                      "latency": {"batches": [b for b, _, _ in batches.values()],
                                  "warmup": [w for _, w, _ in batches.values()],
-                                 "repeats": [r for _, _, r in batches.values()],
+                                 "repeats": [r for _, _, r in batches.values()], "min_seconds": min_seconds,
                                  "providers": PROVIDERS, "interleaved": True} if latency else None,
                      "trt": trt},
         "rows": rows,

@@ -292,6 +292,9 @@ def inspect_cmd(model, ratio, min_params, as_json, verbose, quiet):
 @click.option("--warmup", type=int, default=3, show_default=True)
 @click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per model at --batch (median).")
 @click.option("--large-repeats", type=int, help="Timed runs per model at the large batch (default: --repeats).")
+@click.option("--min-seconds", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Keep timing (interleaved) until both models ran this long at each batch: fast models get "
+              "enough samples for a stable median.")
 @click.option("--trt/--no-trt", default=True, show_default=True, help="Build TensorRT engines (size, success).")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNGs (needs matplotlib).")
 @click.option("--rank-config", help="Configuration label whose per-layer ranks are plotted "
@@ -301,8 +304,8 @@ def inspect_cmd(model, ratio, min_params, as_json, verbose, quiet):
 @click.option("-v", "--verbose", count=True)
 @click.option("-q", "--quiet", is_flag=True)
 def bench_cmd(target, configs, eval_feed, reference, labels, metric, output_name, calib, calib_labels, eval_rows, only,
-              min_params, latency, batch, large_batch, warmup, repeats, large_repeats, trt, plots, rank_config,
-              keep_models, out, verbose, quiet):
+              min_params, latency, batch, large_batch, warmup, repeats, large_repeats, min_seconds, trt, plots,
+              rank_config, keep_models, out, verbose, quiet):
     """Measure compression configurations of TARGET (a models/build.py folder, or a model with --eval):
     params, FLOPs, size, task metric, ORT latency, TensorRT build; writes results.json/csv and PNGs."""
     _setup_logging(verbose, quiet)
@@ -325,7 +328,8 @@ def bench_cmd(target, configs, eval_feed, reference, labels, metric, output_name
         if min_params is not None:
             common["min_params"] = min_params
         res = run_bench(ds, cfgs, out, common=common, latency=latency, batch=batch, large_batch=large_batch,
-                        warmup=warmup, repeats=repeats, large_repeats=large_repeats, trt=trt, plots=plots,
+                        warmup=warmup, repeats=repeats, large_repeats=large_repeats, min_seconds=min_seconds,
+                        trt=trt, plots=plots,
                         rank_config=rank_config, keep_models=keep_models, progress=not quiet)
         click.echo(f"{res['model']} ({res['task']}, {res['settings']['eval_rows']} eval rows; "
                    f"primary metric {res['primary']})")

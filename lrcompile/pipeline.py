@@ -489,7 +489,7 @@ def _build_target(config: CompileConfig, src: Path, model_path: Path, dest_dir: 
 
         opt = model_path.with_name(stem + ".ort.onnx")
         ort_target.save_optimized(model_path, opt)
-        return {"latency": ort_target.compare_latency(src, model_path, feeds_list[0]),
+        return {"latency": ort_target.compare_latency(src, model_path, feeds_list[0], min_seconds=1.0),
                 "optimized_model": str(dest_dir / opt.name)}, [opt]
     if config.target == "trt":
         from .targets import trt as trt_target

@@ -102,11 +102,16 @@ def compare_latency(
     repeats: int = 30,
     providers: list[str] | None = None,
     intra_op_threads: int | None = None,
+    min_seconds: float = 0.0,
+    max_repeats: int = 20000,
 ) -> dict[str, Any]:
     """Time two models on the same feeds, interleaved so that drift hits both alike.
 
     Each repeat runs both models once, in an order drawn from a seeded RNG (reproducible, and
-    neither model always runs second with warm caches).
+    neither model always runs second with warm caches). After ``repeats``, repeating goes on until
+    both models together have been timed for ``min_seconds`` (at most ``max_repeats``): a model
+    that runs in 0.1 ms then gets thousands of samples instead of a few dozen, and the median is
+    not at the mercy of a handful of interrupted runs.
 
     Returns:
         ``{"original": stats, "compressed": stats, "ratio": compressed/original median,
@@ -116,8 +121,9 @@ def compare_latency(
     Raises:
         LrcError: a model cannot be loaded, feeds miss an input, or warmup/repeats are invalid.
     """
-    if warmup < 0 or repeats < 1:
-        raise LrcError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    if warmup < 0 or repeats < 1 or min_seconds < 0:
+        raise LrcError(f"need warmup >= 0, repeats >= 1 and min_seconds >= 0, got warmup={warmup}, "
+                       f"repeats={repeats}, min_seconds={min_seconds}")
     providers = list(providers) if providers is not None else default_providers()
     runs = {}
     for label, path in (("original", original_path), ("compressed", compressed_path)):
@@ -129,12 +135,16 @@ def compare_latency(
     times: dict[str, list[float]] = {label: [] for label in runs}
     rng = np.random.default_rng(0)
     labels = list(runs)
-    for _ in range(repeats):
+    done, spent = 0, 0.0
+    while done < repeats or (spent < min_seconds * 1e3 and done < max_repeats):
         for i in rng.permutation(len(labels)):
             sess, f = runs[labels[i]]
             t0 = time.perf_counter()
             sess.run(None, f)
-            times[labels[i]].append((time.perf_counter() - t0) * 1e3)
+            ms = (time.perf_counter() - t0) * 1e3
+            times[labels[i]].append(ms)
+            spent += ms
+        done += 1
     orig, comp = _stats(times["original"]), _stats(times["compressed"])
     return {
         "original": orig,
@@ -143,7 +153,7 @@ def compare_latency(
         "speedup": orig["median_ms"] / comp["median_ms"],
         "providers": providers,
         "warmup": warmup,
-        "repeats": repeats,
+        "repeats": done,
     }
 
 

@@ -90,3 +90,17 @@ def test_save_optimized_bad_input_leaves_nothing(tmp_path):
     with pytest.raises(LrcError):
         save_optimized(tmp_path / "bad.onnx", tmp_path / "opt.onnx")
     assert [p.name for p in tmp_path.iterdir()] == ["bad.onnx"]
+
+
+def test_compare_latency_min_seconds(tmp_path):
+    """A fast model is timed until both models ran ``min_seconds`` together, not just ``repeats`` times."""
+    original, compressed = linear_model(tmp_path / "o.onnx"), linear_model(tmp_path / "c.onnx", rank=16)
+    short = compare_latency(original, compressed, FEEDS, warmup=1, repeats=3, intra_op_threads=1)
+    long = compare_latency(original, compressed, FEEDS, warmup=1, repeats=3, intra_op_threads=1, min_seconds=0.2)
+    assert short["repeats"] == 3
+    spent_ms = long["repeats"] * (long["original"]["mean_ms"] + long["compressed"]["mean_ms"])
+    assert long["repeats"] > 3 and spent_ms >= 200
+    capped = compare_latency(original, compressed, FEEDS, warmup=0, repeats=2, min_seconds=60, max_repeats=5)
+    assert capped["repeats"] == 5
+    with pytest.raises(LrcError, match="min_seconds >= 0"):
+        compare_latency(original, compressed, FEEDS, min_seconds=-1)
