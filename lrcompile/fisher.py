@@ -31,6 +31,7 @@ import logging
 import sys
 import types
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
@@ -431,3 +432,185 @@ def collect_fisher(
     if seen == 0:
         raise LrcError("Fisher: the calibration source yielded no samples")
     return fisher
+
+
+# ----------------------------------------------------------------------------- output curvature (kfac)
+
+#: Ops whose candidate output is the module output ``x @ B`` (Gemm: ``alpha x B + beta c``, whose
+#: gradient with respect to ``x B`` is the output gradient times ``alpha``: a scale kfac ignores).
+CURVATURE_OPS = ("MatMul", "Gemm")
+
+
+@dataclass
+class OutputCurvature:
+    """Output-gradient Grams ``sum_rows g g^T`` by tensor name (see :func:`collect_output_curvature`).
+
+    Attributes:
+        grams: tensor name -> ``[N, N]`` float64 (mean over probes of the sum over kept rows).
+        reasons: tensor name -> why no Gram was collected for it (the layer falls back).
+        tensor_of: candidate label -> the output tensor its statistics are read from.
+        info: summary for the report (output, probes, samples, rows kept, seconds).
+    """
+
+    grams: dict[str, np.ndarray] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    tensor_of: dict[str, str] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+def _single_output(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    keep = [o for o in m.graph.output if o.name == output]
+    del m.graph.output[:]
+    m.graph.output.extend(keep)
+    return m
+
+
+def collect_output_curvature(
+    model: onnx.ModelProto,
+    tensors: list[str],
+    batches: Iterable[dict[str, np.ndarray]],
+    *,
+    output: str | None = None,
+    probes: int = 4,
+    seed: int = 0,
+    mask_input: str | None = None,
+    progress: bool = False,
+    total: int | None = None,
+) -> OutputCurvature:
+    """Gauss-Newton output curvature at each named tensor: ``sum_rows E_v[g g^T]``.
+
+    Without labels the loss is a random probe of the chosen output, ``L = sum(v * f)`` with
+    ``v ~ N(0, I)`` drawn from a generator seeded with ``seed``; ``g = dL/dy = J^T v`` at each row of
+    the tensor ``y`` (its leading dimensions flattened), so ``E_v[g g^T] = J^T J`` row by row, the
+    output side of the Kronecker-factored curvature ``kfac`` uses. Each probe is one backward pass
+    through a graph built once per batch; the Gram is the mean over the probes of
+    ``sum_rows g g^T``, accumulated in float64. Rows where ``mask_input`` is 0 (padding tokens)
+    are dropped when the tensor's leading dimensions match the mask's.
+
+    The gradient at a tensor is read from the torch module onnx2torch made of the ONNX node that
+    produces it (a forward hook adds a zero leaf so the output joins the autograd graph without
+    cutting it); a tensor no single module produces is reported in ``reasons``.
+
+    Args:
+        model: the ONNX model (not modified).
+        tensors: names of the tensors (layer outputs) to collect.
+        batches: feed dicts (``iter_calibration``).
+        output: the model output probed (default: the first).
+        probes: backward passes per batch.
+        seed: seed of the probes.
+        mask_input: input whose zeros mark padding rows, or None.
+        progress: show a progress bar; ``total`` is its sample count.
+
+    Returns:
+        An :class:`OutputCurvature` (``tensor_of`` left for the caller to fill).
+    """
+    if probes < 1:
+        raise LrcError(f"--probes {probes}: give at least one probe per batch")
+    convert = _import_convert()
+    import time
+
+    import torch
+
+    from .calibrate import _row_mask
+
+    t0 = time.perf_counter()
+    outs = [o.name for o in model.graph.output]
+    output = output or outs[0]
+    if output not in outs:
+        raise LrcError(f"output {output!r} is not a model output; choose one of {outs}")
+    try:
+        gm = convert(_single_output(model, output), attach_onnx_mapping=True)
+    except LrcError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an op onnx2torch cannot convert
+        raise LrcError(f"onnx2torch cannot convert this model ({type(e).__name__}: {e})") from None
+    gm.eval()
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    by_output = {}
+    for mod in gm.modules():
+        mapping = getattr(mod, "onnx_mapping", None)
+        if mapping is not None and len(mapping.outputs) == 1:
+            by_output[mapping.outputs[0]] = mod
+    res = OutputCurvature(info={"output": output, "probes": probes, "seed": seed, "mask_input": mask_input})
+    names = []
+    for t in dict.fromkeys(tensors):
+        if t in by_output:
+            names.append(t)
+        else:
+            res.reasons[t] = "its producer is not one converted torch module"
+    captured: dict[str, object] = {}
+    zero = torch.zeros((), requires_grad=True)
+
+    def hook_for(name: str):
+        def hook(_mod, _inp, out):
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                return None
+            out = out + zero.to(out.dtype)  # joins autograd without cutting the graph upstream
+            captured[name] = out
+            return out
+        return hook
+
+    handles = [by_output[t].register_forward_hook(hook_for(t)) for t in names]
+    inits = {i.name for i in model.graph.initializer}
+    order = [i.name for i in model.graph.input if i.name not in inits]
+    gen = torch.Generator().manual_seed(seed)
+    grams: dict[str, torch.Tensor] = {}
+    seen = kept = 0
+    bar = tqdm(total=total, desc="output curvature", unit="sample", disable=None if progress else True, leave=False)
+    try:
+        for feed in batches:
+            missing = [n for n in order if n not in feed]
+            if missing:
+                raise LrcError(f"calibration batch lacks model inputs {missing}")
+            if mask_input is not None and mask_input not in feed:
+                raise LrcError(f"--mask-input {mask_input!r} is not an input of the model")
+            mask = np.asarray(feed[mask_input]) != 0 if mask_input is not None else None
+            captured.clear()
+            with torch.enable_grad():
+                out = gm(*[torch.from_numpy(np.ascontiguousarray(feed[n])) for n in order])
+                if isinstance(out, (tuple, list)):
+                    out = out[0]
+                live = [t for t in names if t in captured]
+                for t in names:
+                    if t not in captured:
+                        res.reasons.setdefault(t, "its module returned no float tensor")
+                keeps = {}
+                for t in live:
+                    y = captured[t]
+                    m = _row_mask(mask, tuple(y.shape[:-1])) if y.ndim >= 2 else None
+                    keeps[t] = None if m is None else torch.from_numpy(np.ascontiguousarray(m).reshape(-1))
+                for i in range(probes):
+                    v = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.dtype)
+                    grads = torch.autograd.grad(out, [captured[t] for t in live], grad_outputs=v,
+                                                retain_graph=i < probes - 1, allow_unused=True)
+                    for t, g in zip(live, grads):
+                        y = captured[t]
+                        n = int(y.shape[-1]) if y.ndim else 1
+                        if g is None:
+                            g = torch.zeros_like(y)  # the probed output does not depend on it
+                        rows = g.detach().reshape(-1, n).double()
+                        if keeps[t] is not None:
+                            rows = rows[keeps[t]]
+                        acc = rows.T @ rows
+                        grams[t] = acc if t not in grams else grams[t] + acc
+            n_rows = _rows_of(feed)
+            seen += n_rows
+            kept += int(mask.sum()) if mask is not None else 0
+            bar.update(n_rows)
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+    if seen == 0:
+        raise LrcError("--calib: the calibration source yielded no samples")
+    res.grams = {t: (0.5 * (g + g.T) / probes).numpy() for t, g in grams.items()}
+    res.info.update({"samples": seen, "mask_kept_rows": kept if mask_input else None, "tensors": len(res.grams),
+                     "seconds": round(time.perf_counter() - t0, 3)})
+    return res
+
+
+def _rows_of(feed: dict[str, np.ndarray]) -> int:
+    return int(next(iter(feed.values())).shape[0]) if feed else 0
