@@ -134,7 +134,7 @@ def main() -> None:
 @click.option("--latency-batches", default="1,16", show_default=True, help="Batch sizes latency-aware timing uses.")
 @click.option("--timing-cache", help="Timing cache file (default: ~/.cache/lrcompile/timings.json; 'none': off).")
 @click.option("--multiple", type=int, default=8, show_default=True, help="Round ranks to this multiple.")
-@click.option("--method", help="Factorization method: svd, whiten, asvd, fwsvd, afm "
+@click.option("--method", help="Factorization method: svd, whiten, asvd, fwsvd, afm, kfac "
               "(default: whiten with --calib, svd without).")
 @click.option("--calib", help="Calibration data: .npz (batched on axis 0), Polygraphy JSON, or loader.py[:func].")
 @click.option("--calib-samples", type=int, help="Use at most this many calibration samples.")
@@ -150,6 +150,9 @@ def main() -> None:
 @click.option("--loss", type=click.Choice(["auto", "bce", "ce", "mse"]), default="auto", show_default=True,
               help="Loss for --fisher collect.")
 @click.option("--fisher-output", help="Model output the loss applies to (default: the first).")
+@click.option("--probes", type=int, default=4, show_default=True,
+              help="kfac: random output probes (backward passes) per calibration batch; the probed output is "
+              "--metric-output, else the first.")
 @click.option("--solver", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True)
 @click.option("--only", help="Comma-separated op types to consider (MatMul,Gemm,Conv,Gather).")
 @click.option("--exclude", multiple=True, help="Regex on node names to leave intact (repeatable).")

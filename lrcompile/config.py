@@ -59,6 +59,8 @@ class CompileConfig:
             and labels with torch (``lrcompile[fisher]``).
         labels / loss / fisher_output: labels (.npy; default ``__labels__`` in the calibration
             .npz), the loss (auto, bce, ce, mse) and the output it applies to, for ``collect``.
+        probes: ``kfac``: random probes (backward passes) per calibration batch of the Gauss-Newton
+            output curvature; the probed output is ``metric_output``, else the first output.
 
     Budgets (instead of a per-layer rank policy; see ``lrcompile.planner``):
         params / flops: keep this fraction of the candidate weights' parameters (or of their
@@ -116,6 +118,7 @@ class CompileConfig:
     labels: str | None = None
     loss: str = "auto"
     fisher_output: str | None = None
+    probes: int = 4
     params: float | None = None
     flops: float | None = None
     max_drop: float | None = None
@@ -155,6 +158,8 @@ class CompileConfig:
             raise LrcError("--fisher collect computes gradients on calibration data: pass --calib FILE")
         if self.loss not in ("auto", "bce", "ce", "mse"):
             raise LrcError(f"--loss {self.loss!r}: choose auto, bce, ce or mse")
+        if self.probes < 1:
+            raise LrcError(f"--probes {self.probes}: give at least one probe per calibration batch")
         if self.calib_samples is not None and self.calib_samples < 1:
             raise LrcError("--calib-samples must be >= 1")
         if self.calib_batch < 1:

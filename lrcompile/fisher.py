@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import sys
 import types
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,7 @@ def _import_convert():
     try:
         from onnx2torch import convert
 
+        _alias_converters()
         return convert
     except ModuleNotFoundError as e:
         if e.name is None or e.name.split(".")[0] in ("onnx2torch", "torch"):
@@ -205,6 +207,7 @@ def _import_convert():
     try:
         from onnx2torch import convert
 
+        _alias_converters()
         return convert
     except Exception as e:  # noqa: BLE001
         raise LrcError(f"onnx2torch failed to import ({type(e).__name__}: {e}): {INSTALL_HINT}") from None
@@ -212,6 +215,22 @@ def _import_convert():
         for k in ("torchvision", "torchvision.ops"):
             sys.modules.pop(k, None)
         sys.modules.update({k: v for k, v in saved.items() if k.split(".")[0] == "torchvision"})
+
+
+#: Op versions that only widened the type list (bfloat16) over one onnx2torch converts: same semantics,
+#: so the older converter serves them (opset 16+ exporters write GreaterOrEqual-16, e.g. MiniLM's mask).
+CONVERTER_ALIASES = (("GreaterOrEqual", 12, 16), ("LessOrEqual", 12, 16))
+
+
+def _alias_converters() -> None:
+    try:
+        from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription
+    except ImportError:  # another onnx2torch layout: leave it as it is
+        return
+    for op, have, want in CONVERTER_ALIASES:
+        old, new = OperationDescription("", op, have), OperationDescription("", op, want)
+        if old in _CONVERTER_REGISTRY and new not in _CONVERTER_REGISTRY:
+            _CONVERTER_REGISTRY[new] = _CONVERTER_REGISTRY[old]
 
 
 def _constant_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
@@ -459,12 +478,62 @@ class OutputCurvature:
 
 
 def _single_output(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
+    """A copy with one output, prepared for onnx2torch: ``Constant`` nodes of the main graph become
+    initializers and trailing omitted optional inputs are dropped (its Clip converter takes min/max
+    only from initializers and reads ``""`` as a tensor name)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     keep = [o for o in m.graph.output if o.name == output]
     del m.graph.output[:]
     m.graph.output.extend(keep)
+    nodes = []
+    for node in m.graph.node:
+        attr = {a.name: a for a in node.attribute}
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in attr and len(node.output) == 1:
+            t = onnx.TensorProto()
+            t.CopyFrom(attr["value"].t)
+            t.name = node.output[0]
+            m.graph.initializer.append(t)
+        else:
+            while node.input and node.input[-1] == "":  # trailing omitted optionals (Clip(x, min, ""))
+                del node.input[-1]
+            nodes.append(node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    _flatten_edges_as_reshape(m)
     return m
+
+
+def _flatten_edges_as_reshape(m: onnx.ModelProto) -> None:
+    """``Flatten`` with ``axis`` 0 or equal to the input's rank becomes ``Reshape`` to ``[1, -1]`` /
+    ``[-1, 1]`` (same result; onnx2torch's Flatten fails on those edge axes, e.g. MiniLM's mask)."""
+    flats = [n for n in m.graph.node if n.op_type == "Flatten" and n.domain in ("", "ai.onnx")]
+    if not flats:
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m)
+    except Exception:  # noqa: BLE001 - leave the model as it is
+        return
+    ranks = {vi.name: len(vi.type.tensor_type.shape.dim)
+             for vi in [*inferred.graph.value_info, *inferred.graph.input]
+             if vi.type.tensor_type.HasField("shape")}
+    used = {t for n in m.graph.node for t in (*n.input, *n.output)} | {i.name for i in m.graph.initializer}
+    for node in flats:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        rank = ranks.get(node.input[0])
+        if rank is None:
+            continue
+        axis = axis + rank if axis < 0 else axis
+        if axis not in (0, rank):
+            continue
+        name = f"{node.output[0]}__lrc_shape"
+        while name in used:
+            name += "_"
+        used.add(name)
+        m.graph.initializer.append(numpy_helper.from_array(np.array([1, -1] if axis == 0 else [-1, 1], np.int64), name))
+        node.op_type = "Reshape"
+        del node.attribute[:]
+        node.input.append(name)
 
 
 def collect_output_curvature(
@@ -569,7 +638,8 @@ def collect_output_curvature(
                 raise LrcError(f"--mask-input {mask_input!r} is not an input of the model")
             mask = np.asarray(feed[mask_input]) != 0 if mask_input is not None else None
             captured.clear()
-            with torch.enable_grad():
+            with torch.enable_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # onnx2torch's tracing notes, one per batch
                 out = gm(*[torch.from_numpy(np.ascontiguousarray(feed[n])) for n in order])
                 if isinstance(out, (tuple, list)):
                     out = out[0]

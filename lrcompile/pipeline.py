@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -122,16 +122,25 @@ def stat_request(cand: Candidate):
 
 
 def _stats_for(cand: Candidate, method: str, stats: dict[str, list[LayerStats]] | None,
-               fisher: dict[str, np.ndarray] | None = None, sharers: list[Candidate] = ()
-               ) -> tuple[str, list[LayerStats | None], str]:
+               fisher: dict[str, np.ndarray] | None = None, sharers: list[Candidate] = (),
+               curvature=None) -> tuple[str, list[LayerStats | None], str]:
     """The method to use for ``cand``, its statistics per group, and a note when it fell back.
 
     A weight shared by several nodes is calibrated on all their inputs (``sharers``: the nodes
-    with the same weight key), since one factorization serves them all."""
+    with the same weight key), since one factorization serves them all; for ``kfac`` their
+    output-gradient Grams add up the same way (``curvature``: a ``fisher.OutputCurvature``)."""
     none = [None] * len(cand.matrices)
     needs = METHODS[method].needs
     if not needs:
         return method, none, ""
+    if "grad_gram" in needs:
+        base, st, note = _stats_for(cand, "whiten", stats, fisher, sharers)
+        if base != "whiten":
+            return base, st, note
+        gy, why = _grad_gram(cand, sharers, curvature)
+        if gy is None:
+            return "whiten", st, f"{method}: {why}: whiten"
+        return method, [replace(st[0], grad_gram=gy)], ""
     if "fisher" in needs:
         from .fisher import fisher_for_candidate
 
@@ -153,6 +162,39 @@ def _stats_for(cand: Candidate, method: str, stats: dict[str, list[LayerStats]] 
     if needs & {"out_sum", "out_gram"}:
         st = [with_output_stats(s, m) for s, m in zip(st, cand.matrices)]
     return method, st, ""
+
+
+def curvature_tensor(cand: Candidate) -> tuple[str | None, str]:
+    """The tensor whose output gradients ``kfac`` reads for ``cand`` (``x @ B`` itself), or None with
+    the reason: only right-weight MatMul and Gemm (no transA) outputs are the layer's ``x B``."""
+    from .fisher import CURVATURE_OPS
+
+    if cand.node.op not in CURVATURE_OPS or cand.details.get("lookup"):
+        return None, f"no output curvature for {cand.node.op} layers"
+    if cand.activation is None or len(cand.matrices) != 1 or not cand.node.outputs:
+        return None, "no output curvature for a weight on the left or a transposed input"
+    return cand.node.outputs[0].name, ""
+
+
+def _grad_gram(cand: Candidate, sharers: list[Candidate], curvature) -> tuple[np.ndarray | None, str]:
+    """Sum of the output-gradient Grams of ``cand`` and the nodes sharing its weight, or the reason."""
+    if curvature is None:
+        return None, "no output curvature collected"
+    n = cand.matrices[0].shape[1]
+    total = None
+    for label in dict.fromkeys(c.label for c in [cand, *sharers]):
+        t = curvature.tensor_of.get(label)
+        if t is None:
+            return None, curvature.reasons.get(label, "no output curvature for this layer")
+        g = curvature.grams.get(t)
+        if g is None:
+            return None, f"no output curvature at {t!r} ({curvature.reasons.get(t, 'not collected')})"
+        if g.shape != (n, n):
+            return None, f"output curvature at {t!r} is {list(g.shape)}, the weight has {n} outputs"
+        total = g if total is None else total + g
+    if not np.trace(total) > 0:
+        return None, "the probed output does not depend on this layer (zero output gradients)"
+    return total, ""
 
 
 #: Below this many weight elements BLAS runs single-threaded: small SVDs gain little from threads,
@@ -199,7 +241,7 @@ class Plan:
 def plan(cands: list[Candidate], config: CompileConfig, *, stats: dict[str, list[LayerStats]] | None = None,
          fisher: dict[str, np.ndarray] | None = None, progress: bool = False, into: Plan | None = None,
          ranks: dict[str, int] | None = None, dense_reasons: dict[str, str] | None = None,
-         cache: dict | None = None) -> Plan:
+         cache: dict | None = None, curvature=None) -> Plan:
     """Factorize each distinct weight once and decide per candidate.
 
     Args:
@@ -231,7 +273,7 @@ def plan(cands: list[Candidate], config: CompileConfig, *, stats: dict[str, list
             rec.shared_with = p.owner[key]
         else:
             method, st, rec.reason = _stats_for(cand, config.method_for(cand.label), stats, fisher,
-                                                sharers[key])
+                                                sharers[key], curvature)
             t0 = time.perf_counter()
             pol = policy if ranks is None else RankPolicy(rank=int(ranks[key]), multiple=1)
             ck = (key, pol.rank) if cache is not None and pol.rank is not None else None
@@ -353,6 +395,7 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
         raise LrcError(f"{src}: no MatMul/Gemm/Conv/Gather node with a constant weight; nothing to compress")
     ctx = RewriteContext(analysis.graph, Namer(analysis.graph))
     fisher = _fisher(model, analysis.candidates, config, progress=progress)
+    curvature = _curvature(model, analysis.candidates, config, progress=progress)
     calib_info = None
     planner = plan_info = None
     if config.calib and config.sequential:
@@ -362,7 +405,7 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
             # the factors are then fitted stage by stage on the partly compressed model
             stats0, _ = _calibrate(model, analysis.candidates, config, progress=progress)
             p0, planner, plan_info = _plan_ranks(model, analysis, config, stats0, fisher, feeds_list,
-                                                 progress=progress)
+                                                 progress=progress, curvature=curvature)
             ranks = {r.weight: (r.rank if r.decision == "factorized" else 0) for r in p0.records}
             reasons = dict(p0.declined_keys)
         p, calib_info = Plan(), {"mode": "sequential", "stages": []}
@@ -374,7 +417,8 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
                 stats, info = _calibrate(export(analysis.graph, model), stage, config, progress=False,
                                          reference=model if p.by_key else None)
                 calib_info["stages"].append(info)
-            plan(stage, config, stats=stats, fisher=fisher, into=p, ranks=ranks, dense_reasons=reasons)
+            plan(stage, config, stats=stats, fisher=fisher, into=p, ranks=ranks, dense_reasons=reasons,
+                 curvature=curvature)
             apply(ctx, stage, p)
         if ranks is not None:  # carry the planner's per-layer details over to the final records
             before = {r.node: r for r in p0.records}
@@ -391,7 +435,8 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
             stats, calib_info = _calibrate(model, analysis.candidates, config, progress=progress)
             calib_info["mode"] = "one-shot"
             t["calibrate"] = time.perf_counter()
-        p, planner, plan_info = _plan_ranks(model, analysis, config, stats, fisher, feeds_list, progress=progress)
+        p, planner, plan_info = _plan_ranks(model, analysis, config, stats, fisher, feeds_list, progress=progress,
+                                            curvature=curvature)
         t["factorize"] = time.perf_counter()
         if p.by_key:
             apply(ctx, analysis.candidates, p)
@@ -432,6 +477,8 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
         timings={k: round(v - t["start"], 3) for k, v in t.items() if k != "start"}, report={},
     )
     result.report = build_report(result, notes=notes + failures, folded=analysis.folded)
+    if curvature is not None:
+        calib_info = {**(calib_info or {}), "output_curvature": curvature.info}
     result.report["calibration"] = calib_info
     result.report["plan"] = plan_info
     if status == "FAILED":
@@ -441,27 +488,27 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
 
 
 def _plan_ranks(model: onnx.ModelProto, analysis: Analysis, config: CompileConfig, stats, fisher, feeds_list,
-                *, progress: bool):
+                *, progress: bool, curvature=None):
     """The plan under the config's rank policy or global budget, with latency limits when asked.
 
     Returns ``(plan, planner or None, plan section of the report or None)``."""
     cands = analysis.candidates
     if config.budget is None and not config.resolved_latency_aware:
-        return plan(cands, config, stats=stats, fisher=fisher, progress=progress), None, None
+        return plan(cands, config, stats=stats, fisher=fisher, progress=progress, curvature=curvature), None, None
     from . import planner as pl
 
     timing = pl.timing_feeds(model, _timing_feed(model, config, feeds_list), config.latency_batches) \
         if config.resolved_latency_aware else None
     if config.budget is None:
-        p = plan(cands, config, stats=stats, fisher=fisher, progress=progress)
+        p = plan(cands, config, stats=stats, fisher=fisher, progress=progress, curvature=curvature)
         info = {"budget": None, "latency": pl.latency_declines(p, model, cands, timing, config, progress=progress)}
         return p, None, info
-    planner = pl.Planner(model, cands, config, stats=stats, fisher=fisher,
+    planner = pl.Planner(model, cands, config, stats=stats, fisher=fisher, curvature=curvature,
                          feed=feeds_list[0] if feeds_list else None, progress=progress)
     if timing is not None:
         planner.limit_latency(timing)
     ranks = planner.run()
-    p = plan(cands, config, stats=stats, fisher=fisher, progress=progress, ranks=ranks,
+    p = plan(cands, config, stats=stats, fisher=fisher, progress=progress, ranks=ranks, curvature=curvature,
              dense_reasons=planner.dense_reasons, cache=planner.cache)
     planner.annotate(p.records, ranks)
     return p, planner, planner.info
@@ -507,16 +554,52 @@ def _calibrate(model: onnx.ModelProto, cands: list[Candidate], config: CompileCo
                reference: onnx.ModelProto | None = None) -> tuple[dict[str, list[LayerStats]], dict]:
     """Activation statistics of the candidates' inputs on the calibration data; with ``reference``
     (the original of a partly compressed ``model``) also the cross statistics of target correction."""
-    from .calibrate import CalibSource, collect_stats, default_mask_input, iter_calibration
+    from .calibrate import CalibSource, collect_stats, iter_calibration
 
     requests = dict(r for r in map(stat_request, cands) if r is not None)
     if not requests:
         return {}, {"samples": 0, "layers": 0}
-    mask = default_mask_input(model) if config.mask_input == "auto" else (
-        None if config.mask_input in (None, "none") else config.mask_input)
+    mask = _mask_input(model, config)
     src = CalibSource(config.calib, config.calib_samples, config.calib_batch)
     return collect_stats(model, requests, iter_calibration(src, model), mask_input=mask, progress=progress,
                          total=config.calib_samples, reference=reference)
+
+
+def _mask_input(model: onnx.ModelProto, config: CompileConfig) -> str | None:
+    from .calibrate import default_mask_input
+
+    return default_mask_input(model) if config.mask_input == "auto" else (
+        None if config.mask_input in (None, "none") else config.mask_input)
+
+
+def _curvature(model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *, progress: bool):
+    """Output-gradient Grams (``fisher.OutputCurvature``) when some layer's method needs them
+    (``kfac``); None otherwise. The probed output is ``--metric-output`` when named, else the first.
+    Layers whose output is not ``x B`` (convs, left weights) get a reason and fall back to whiten."""
+    users = {c.weight_key for c in cands if "grad_gram" in METHODS[config.method_for(c.label)].needs}
+    if not users:
+        return None
+    from . import fisher as fz
+    from .calibrate import CalibSource, iter_calibration
+
+    tensor_of, reasons = {}, {}
+    for c in cands:
+        if c.weight_key in users:
+            t, why = curvature_tensor(c)
+            if t is None:
+                reasons[c.label] = why
+            else:
+                tensor_of[c.label] = t
+    if not tensor_of:
+        return fz.OutputCurvature(reasons=reasons, info={"tensors": 0})
+    src = CalibSource(config.calib, config.calib_samples, config.calib_batch)
+    res = fz.collect_output_curvature(
+        model, sorted(set(tensor_of.values())), iter_calibration(src, model), output=config.metric_output,
+        probes=config.probes, seed=config.seed, mask_input=_mask_input(model, config), progress=progress,
+        total=config.calib_samples)
+    res.tensor_of = tensor_of
+    res.reasons.update(reasons)
+    return res
 
 
 def _fisher(model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *, progress: bool

@@ -93,7 +93,8 @@ class Layer:
         return dense, fact
 
 
-def build_layers(cands: list[Candidate], config: CompileConfig, stats, fisher, *, progress: bool) -> list[Layer]:
+def build_layers(cands: list[Candidate], config: CompileConfig, stats, fisher, *, progress: bool,
+                 curvature=None) -> list[Layer]:
     """Decompose every distinct weight in full and read its error curve off the spectrum."""
     from .pipeline import _factorize_candidate, _stats_for
 
@@ -105,7 +106,7 @@ def build_layers(cands: list[Candidate], config: CompileConfig, stats, fisher, *
     for key, group in tqdm(sharers.items(), desc="spectra", unit="weight", disable=None if progress else True,
                            leave=False):
         cand = group[0]
-        method, st, note = _stats_for(cand, config.method_for(cand.label), stats, fisher, group)
+        method, st, note = _stats_for(cand, config.method_for(cand.label), stats, fisher, group, curvature)
         facts = _factorize_candidate(cand, config, full, method, st)
         spectra = [np.asarray(f.singular_values, np.float64) for f in facts]
         totals = [float(np.sum(s**2)) for s in spectra]
@@ -145,13 +146,15 @@ class Planner:
     """Chooses ranks for ``cands`` under the config's budget (see the module docstring)."""
 
     def __init__(self, model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *, stats=None,
-                 fisher=None, feed: dict[str, np.ndarray] | None = None, progress: bool = False) -> None:
+                 fisher=None, feed: dict[str, np.ndarray] | None = None, progress: bool = False,
+                 curvature=None) -> None:
         self.model, self.config, self.stats, self.fisher = model, config, stats, fisher
+        self.curvature = curvature
         self.progress = progress
         self.cache: dict = {}  # (weight key, rank) -> factorizations, shared by every plan built
         self.info: dict = {"budget": config.budget, "allocation": config.resolved_allocation}
         t0 = time.perf_counter()
-        self.layers = build_layers(cands, config, stats, fisher, progress=progress)
+        self.layers = build_layers(cands, config, stats, fisher, progress=progress, curvature=curvature)
         self.info["spectra_seconds"] = round(time.perf_counter() - t0, 3)
         if config.flops is not None and feed is None:
             raise AssertionError("a FLOPs budget needs the verification feed's shapes")
@@ -176,7 +179,7 @@ class Planner:
 
         analysis = analyze(self.model, self.config)
         return analysis, plan(analysis.candidates, self.config, stats=self.stats, fisher=self.fisher, ranks=ranks,
-                              dense_reasons=self.dense_reasons, cache=self.cache)
+                              dense_reasons=self.dense_reasons, cache=self.cache, curvature=self.curvature)
 
     def build(self, ranks: dict[str, int]) -> onnx.ModelProto:
         """The model with these ranks applied (0: dense)."""

@@ -17,11 +17,11 @@ from lrcompile.fisher import collect_output_curvature  # noqa: E402
 K, H, N = 10, 14, 6
 
 
-def _weights(seed: int = 0) -> dict[str, np.ndarray]:
+def _weights(seed: int = 0, k: int = K, h: int = H, n: int = N) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"W1": rng.normal(0, 1 / np.sqrt(K), (K, H)).astype(np.float32),
-            "b1": rng.normal(0, 0.1, H).astype(np.float32),
-            "W2": rng.normal(0, 1 / np.sqrt(H), (H, N)).astype(np.float32)}
+    return {"W1": rng.normal(0, 1 / np.sqrt(k), (k, h)).astype(np.float32),
+            "b1": rng.normal(0, 0.1, h).astype(np.float32),
+            "W2": rng.normal(0, 1 / np.sqrt(h), (h, n)).astype(np.float32)}
 
 
 def _token_mlp(w: dict) -> onnx.ModelProto:
@@ -36,9 +36,10 @@ def _token_mlp(w: dict) -> onnx.ModelProto:
              helper.make_node("Unsqueeze", ["mf", "ax"], ["m3"]),
              helper.make_node("Add", ["y2", "m3"], ["f"])]
     inits = [numpy_helper.from_array(v, k) for k, v in w.items()] + [numpy_helper.from_array(np.array([-1]), "ax")]
-    g = helper.make_graph(nodes, "tok", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", K]),
+    k, n = w["W1"].shape[0], w["W2"].shape[1]
+    g = helper.make_graph(nodes, "tok", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k]),
                                          helper.make_tensor_value_info("mask", TensorProto.INT64, ["b", "s"])],
-                          [helper.make_tensor_value_info("f", TensorProto.FLOAT, ["b", "s", N])], inits)
+                          [helper.make_tensor_value_info("f", TensorProto.FLOAT, ["b", "s", n])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(m)
     return m
@@ -58,13 +59,13 @@ def _gemm_mlp(w: dict) -> onnx.ModelProto:
     return m
 
 
-def _token_data(batches: int = 3, b: int = 4, s: int = 5, seed: int = 3) -> list[dict]:
+def _token_data(batches: int = 3, b: int = 4, s: int = 5, seed: int = 3, k: int = K) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(batches):
         mask = np.ones((b, s), np.int64)
         mask[:, 3:] = rng.integers(0, 2, (b, s - 3))  # trailing padding
-        out.append({"x": rng.normal(size=(b, s, K)).astype(np.float32), "mask": mask})
+        out.append({"x": rng.normal(size=(b, s, k)).astype(np.float32), "mask": mask})
     assert any((f["mask"] == 0).any() for f in out)
     return out
 
@@ -148,3 +149,148 @@ def test_unknown_tensor_is_reported_and_bad_options_refused():
         collect_output_curvature(_token_mlp(w), ["y1"], iter(feeds), probes=0)
     with pytest.raises(LrcError, match="not a model output"):
         collect_output_curvature(_token_mlp(w), ["y1"], iter(feeds), output="nope")
+
+
+# ----------------------------------------------------------------------------- the method end to end
+
+BIG = {"k": 24, "h": 32, "n": 6}
+
+
+def _npz(path, feeds: list[dict]):
+    np.savez(path, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+    return path
+
+
+@pytest.fixture
+def token_model(tmp_path):
+    from helpers import save
+
+    w = _weights(4, **BIG)
+    feeds = _token_data(8, b=8, s=6, seed=11, k=BIG["k"])
+    calib = _npz(tmp_path / "calib.npz", feeds[:6])
+    evals = _npz(tmp_path / "eval.npz", feeds[6:])
+    return save(_token_mlp(w), tmp_path / "tok.onnx"), calib, evals
+
+
+def _err(src, out, feeds) -> float:
+    from helpers import run
+
+    a, b = run(src, feeds)["f"], run(out, feeds)["f"]
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+def test_cli_kfac_end_to_end_verified_in_ort(tmp_path, token_model):
+    import subprocess
+    import sys
+
+    src, calib, evals = token_model
+    out = tmp_path / "tok.kfac.onnx"
+    rep = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "-m", "lrcompile.cli", str(src), "-o", str(out), "--method", "kfac",
+                        "--calib", str(calib), "--inputs", str(evals), "--rank", "4", "--multiple", "1",
+                        "--min-params", "0", "--probes", "2", "--report", str(rep), "-q"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(rep.read_text())
+    assert report["status"] == "PASSED"
+    methods = {x["node"]: x["method"] for x in report["layers"] if x["decision"] == "factorized"}
+    assert methods == {"fc1": "kfac", "fc2": "kfac"}
+    assert report["calibration"]["output_curvature"]["probes"] == 2
+    # the verification the pipeline ran in ORT agrees with a run of our own
+    feeds = dict(np.load(evals))
+    (ver,) = report["verification"]["outputs"]
+    assert ver["rel_l2"] == pytest.approx(_err(src, out, feeds), rel=1e-3)
+
+
+def test_kfac_beats_whiten_end_to_end_where_outputs_are_anisotropic(tmp_path, token_model):
+    """fc1's output reaches f only through W2 (rank 6 of 32): kfac keeps those directions."""
+    import lrcompile
+
+    src, calib, evals = token_model
+    feeds = dict(np.load(evals))
+    errs = {}
+    for m in ("whiten", "kfac"):
+        out = tmp_path / f"{m}.onnx"
+        lrcompile.compile(src, out, method=m, calib=str(calib), inputs=str(evals), rank=3, multiple=1,
+                          min_params=0, include=("fc1",), probes=8)
+        errs[m] = _err(src, out, feeds)
+    assert errs["kfac"] < 0.85 * errs["whiten"], errs
+
+
+def test_kfac_full_rank_lossless_and_budgets(tmp_path, token_model):
+    import lrcompile
+    from helpers import assert_lossless
+
+    src, calib, evals = token_model
+    feeds = dict(np.load(evals))
+    out = tmp_path / "full.onnx"
+    lrcompile.compile(src, out, method="kfac", calib=str(calib), inputs=str(evals), rank=32, multiple=1,
+                      min_params=0, keep_unprofitable=True)
+    assert_lossless(src, out, feeds, rtol=1e-5)
+    for kw in ({"params": 0.5}, {"ratio": 0.5, "sequential": True}, {"params": 0.5, "sequential": True}):
+        res = lrcompile.compile(src, tmp_path / "b.onnx", method="kfac", calib=str(calib), inputs=str(evals),
+                                multiple=1, min_params=0, **kw)
+        assert res.status == "PASSED"
+        assert {r.method for r in res.layers if r.decision == "factorized"} <= {"kfac"}
+
+
+def test_layers_without_output_curvature_fall_back_to_whiten(tmp_path):
+    """A weight on the left of a MatMul (y = W x) has no x B output: whiten (here svd: no activation
+    rows either), with the reason in the record; per-layer selection keeps the other layer on kfac."""
+    import lrcompile
+    from helpers import save
+
+    rng = np.random.default_rng(0)
+    wl = rng.normal(size=(16, 12)).astype(np.float32)
+    wr = rng.normal(size=(9, 20)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["WL", "x"], ["y"], name="left"),
+             helper.make_node("Tanh", ["y"], ["t"]),
+             helper.make_node("MatMul", ["t", "WR"], ["f"], name="right")]
+    g = helper.make_graph(nodes, "lr", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [12, 9])],
+                          [helper.make_tensor_value_info("f", TensorProto.FLOAT, [16, 20])],
+                          [numpy_helper.from_array(wl, "WL"), numpy_helper.from_array(wr, "WR")])
+    src = save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "lr.onnx")
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=rng.normal(size=(48, 9)).astype(np.float32))  # 4 batches of the fixed [12, 9] input
+    res = lrcompile.compile(src, tmp_path / "o.onnx", calib=str(calib), rank=3, multiple=1, min_params=0,
+                            layer_methods=("right=kfac",), calib_batch=12)
+    rec = {r.node: r for r in res.layers}
+    assert rec["right"].method == "kfac"
+    assert rec["left"].method in ("whiten", "svd")
+    res = lrcompile.compile(src, tmp_path / "o2.onnx", calib=str(calib), rank=3, multiple=1, min_params=0,
+                            method="kfac", calib_batch=12)
+    rec = {r.node: r for r in res.layers}
+    assert rec["right"].method == "kfac" and rec["left"].method != "kfac" and rec["left"].reason
+
+
+def test_bad_probes_is_one_line(tmp_path, token_model):
+    import lrcompile
+
+    src, calib, _ = token_model
+    with pytest.raises(LrcError, match="--probes"):
+        lrcompile.compile(src, tmp_path / "o.onnx", method="kfac", calib=str(calib), probes=0)
+
+
+def test_models_onnx2torch_needs_prepared_for():
+    """Constant nodes feeding Clip with an omitted max, GreaterOrEqual-16 and a Flatten at axis = rank
+    (all in exported MiniLM) convert, and the gradient at y passes through them unchanged."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(K, N)).astype(np.float32)
+    big = helper.make_tensor("big", TensorProto.FLOAT, [], [-100.0])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="fc"),
+             helper.make_node("Constant", [], ["lo"], value=big),
+             helper.make_node("Clip", ["y", "lo", ""], ["c"]),
+             helper.make_node("GreaterOrEqual", ["y", "lo"], ["ge"]),
+             helper.make_node("Cast", ["ge"], ["gef"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["c", "gef"], ["m"]),
+             helper.make_node("Flatten", ["m"], ["f"], axis=2)]
+    g = helper.make_graph(nodes, "prep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", K])],
+                          [helper.make_tensor_value_info("f", TensorProto.FLOAT, ["r", 1])],
+                          [numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m)
+    feeds = [{"x": rng.normal(size=(5, K)).astype(np.float32)}]
+    res = collect_output_curvature(m, ["y"], iter(feeds), probes=2, seed=3)
+    (vs,) = _probes([(5 * N, 1)], 2, 3)
+    ref = sum(v.reshape(5, N).astype(np.float64).T @ v.reshape(5, N) for v in vs) / 2
+    np.testing.assert_allclose(res.grams["y"], ref, rtol=1e-6, atol=1e-9)
