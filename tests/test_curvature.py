@@ -294,3 +294,16 @@ def test_models_onnx2torch_needs_prepared_for():
     (vs,) = _probes([(5 * N, 1)], 2, 3)
     ref = sum(v.reshape(5, N).astype(np.float64).T @ v.reshape(5, N) for v in vs) / 2
     np.testing.assert_allclose(res.grams["y"], ref, rtol=1e-6, atol=1e-9)
+
+
+def test_kfac_output_is_byte_identical_across_runs(tmp_path, token_model):
+    import lrcompile
+
+    src, calib, evals = token_model
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"d{i}.onnx"
+        lrcompile.compile(src, out, method="kfac", calib=str(calib), inputs=str(evals), rank=4, multiple=1,
+                          min_params=0, probes=2)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
