@@ -181,7 +181,7 @@ def _import_convert():
     try:
         import torch  # noqa: F401
     except ImportError:
-        raise LrcError(f"Fisher collection needs torch: {INSTALL_HINT}") from None
+        raise LrcError(f"gradient statistics (fwsvd --fisher collect, kfac) need torch: {INSTALL_HINT}") from None
     try:
         from onnx2torch import convert
 
@@ -189,7 +189,7 @@ def _import_convert():
         return convert
     except ModuleNotFoundError as e:
         if e.name is None or e.name.split(".")[0] in ("onnx2torch", "torch"):
-            raise LrcError(f"Fisher collection needs onnx2torch: {INSTALL_HINT}") from None
+            raise LrcError(f"gradient statistics (fwsvd --fisher collect, kfac) need onnx2torch: {INSTALL_HINT}") from None
         cause = e
     except Exception as e:  # noqa: BLE001 - a broken torchvision raises RuntimeError/OSError at import
         cause = e
