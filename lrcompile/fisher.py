@@ -588,7 +588,7 @@ def collect_output_curvature(
     outs = [o.name for o in model.graph.output]
     output = output or outs[0]
     if output not in outs:
-        raise LrcError(f"output {output!r} is not a model output; choose one of {outs}")
+        raise LrcError(f"the probed output {output!r} (--metric-output) is not a model output; choose one of {outs}")
     try:
         gm = convert(_single_output(model, output), attach_onnx_mapping=True)
     except LrcError:
