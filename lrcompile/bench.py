@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 RESERVED = {"target", "verify", "calib", "inputs", "method"}
 #: Activation statistics that a .npz calibration feed provides (Fisher information needs gradients).
 ACTIVATION_STATS = {"gram", "abs_sum", "in_sum", "out_sum", "out_gram"}
+#: Statistics from gradients (torch via onnx2torch, the ``fisher`` extra); ``grad_gram`` needs no labels.
+GRADIENT_STATS = {"fisher", "grad_gram"}
 PROVIDERS = ["CPUExecutionProvider"]
 TASK_COLUMNS = {"fidelity": ("cosine_mean", "cosine_p1"), "classification": ("top1", "top1_agreement"),
                 "binary_classification": ("auc", "auc_delta", "logloss")}
@@ -134,16 +136,22 @@ def method_availability(has_calib: bool, has_labels: bool = False) -> tuple[list
     """Registered methods bench can run, and the others with the reason (the data they need).
 
     Activation statistics need calibration data; Fisher information (``fwsvd``) is collected
-    from the calibration data and its labels (``fisher=collect``), so it needs both."""
+    from the calibration data and its labels (``fisher=collect``), so it needs both; gradient
+    statistics (``fwsvd``, ``kfac``) need torch and onnx2torch (``pip install 'lrcompile[fisher]'``)."""
+    import importlib.util
+
     from .factorize import METHODS
 
+    has_torch = all(importlib.util.find_spec(m) is not None for m in ("torch", "onnx2torch"))
     ok, skipped = [], {}
     for name, info in METHODS.items():
         if info.internal:
             continue
-        extra = set(info.needs) - ACTIVATION_STATS - {"fisher"}
+        extra = set(info.needs) - ACTIVATION_STATS - GRADIENT_STATS
         if extra:
             skipped[name] = f"needs {', '.join(sorted(extra))}, which bench does not provide"
+        elif set(info.needs) & GRADIENT_STATS and not has_torch:
+            skipped[name] = "needs gradients: pip install 'lrcompile[fisher]' (torch and onnx2torch)"
         elif "fisher" in info.needs and not (has_calib and has_labels):
             skipped[name] = "needs Fisher information: calibration data with labels (a labelled task)"
         elif info.needs and not has_calib:
@@ -395,6 +403,8 @@ def _data_options(ds: Dataset, opts: dict) -> dict:
         opts.setdefault("fisher_output", ds.output)
         if ds.calib_labels is not None:
             opts.setdefault("labels", str(ds.calib_labels))
+    if "grad_gram" in needs:  # probe the scored output
+        opts.setdefault("metric_output", ds.output)
     return opts
 
 

@@ -125,6 +125,18 @@ def test_method_availability_without_data():
     assert set(ok) | set(skipped) == {m for m, info in METHODS.items() if not info.internal}
 
 
+def test_method_availability_gradient_methods(monkeypatch):
+    """kfac needs calibration data only (no labels) and torch; fwsvd also needs labels."""
+    import importlib.util
+
+    ok, skipped = method_availability(has_calib=True, has_labels=False)
+    assert "kfac" in ok and "whiten" in ok and "labels" in skipped["fwsvd"]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx2torch" else real(name, *a))
+    ok, skipped = method_availability(has_calib=True, has_labels=True)
+    assert "whiten" in ok and "lrcompile[fisher]" in skipped["kfac"] and "lrcompile[fisher]" in skipped["fwsvd"]
+
+
 # ----------------------------------------------------------------------------------- end to end
 
 
@@ -241,3 +253,6 @@ def test_budget_rows_get_calibration_data_and_labels(tmp_path):
     assert opts["calib"] == str(ds.calib) and "labels" not in opts
     opts = _data_options(ds, {"method": "whiten", "max_drop": 0.001, "metric": "auc"})
     assert opts["calib"] == str(ds.calib) and opts["labels"] == str(ds.calib_labels)
+    ds.output = "logits"  # kfac probes the output bench scores, and needs no labels
+    opts = _data_options(ds, {"method": "kfac", "ratio": 0.5})
+    assert opts["calib"] == str(ds.calib) and opts["metric_output"] == "logits" and "labels" not in opts
