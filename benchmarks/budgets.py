@@ -44,13 +44,15 @@ PLANS = {
     "deepfm-ml100k": {
         "common": {}, "eval_rows": None, "large_batch": 512,
         "configs": ["svd:ratio=0.25", "svd:params=0.25;allocation=error,threshold",
-                    "whiten:ratio=0.25", "whiten:params=0.25", "whiten:max_drop=0.001;metric=auc",
+                    "whiten:ratio=0.25", "whiten:params=0.25", "kfac:ratio=0.25", "kfac:params=0.25",
+                    "whiten:max_drop=0.001;metric=auc",
                     "whiten:max_drop=0.001;metric=auc;latency_aware=1;latency_batches=1+512"],
     },
     "dcnv2-ml100k": {
         "common": {}, "eval_rows": None, "large_batch": 512,
         "configs": ["svd:ratio=0.25", "svd:params=0.25;allocation=error,threshold",
-                    "whiten:ratio=0.25", "whiten:params=0.25", "whiten:max_drop=0.001;metric=auc",
+                    "whiten:ratio=0.25", "whiten:params=0.25", "kfac:ratio=0.25", "kfac:params=0.25",
+                    "whiten:max_drop=0.001;metric=auc",
                     "whiten:max_drop=0.001;metric=auc;latency_aware=1;latency_batches=1+512"],
     },
     "cnn-digits": {
