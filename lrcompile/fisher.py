@@ -309,6 +309,21 @@ def _lift(model: onnx.ModelProto, values: dict[str, np.ndarray], output: str):
     return m, lifted, baked
 
 
+def _frozen_module(convert, model: onnx.ModelProto):
+    """The onnx2torch module of ``model`` in eval mode, its own parameters frozen (gradients flow only
+    to what the caller marks); one line when onnx2torch cannot convert it."""
+    try:
+        gm = convert(model, attach_onnx_mapping=True)
+    except LrcError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an op onnx2torch cannot convert
+        raise LrcError(f"onnx2torch cannot convert this model ({type(e).__name__}: {e})") from None
+    gm.eval()
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    return gm
+
+
 def _choose_loss(out, y: np.ndarray) -> str:
     binary = y.size > 0 and bool(np.all((y == 0) | (y == 1)))
     probs = bool(((out >= 0) & (out <= 1)).all())
@@ -380,16 +395,8 @@ def collect_fisher(
     names = list(dict.fromkeys(weight_names))
     values = _constant_values(model, names)
     prepared, lifted, baked = _lift(model, values, output)
-    try:
-        gm = convert(prepared, attach_onnx_mapping=True)
-    except LrcError:
-        raise
-    except Exception as e:  # noqa: BLE001 - an op onnx2torch cannot convert
-        raise LrcError(f"onnx2torch cannot convert this model ({type(e).__name__}: {e})") from None
+    gm = _frozen_module(convert, prepared)
     torch.manual_seed(0)
-    gm.eval()
-    for p in gm.parameters():
-        p.requires_grad_(False)
     by_output = {}
     for mod in gm.modules():
         mapping = getattr(mod, "onnx_mapping", None)
@@ -589,15 +596,7 @@ def collect_output_curvature(
     output = output or outs[0]
     if output not in outs:
         raise LrcError(f"the probed output {output!r} (--metric-output) is not a model output; choose one of {outs}")
-    try:
-        gm = convert(_single_output(model, output), attach_onnx_mapping=True)
-    except LrcError:
-        raise
-    except Exception as e:  # noqa: BLE001 - an op onnx2torch cannot convert
-        raise LrcError(f"onnx2torch cannot convert this model ({type(e).__name__}: {e})") from None
-    gm.eval()
-    for p in gm.parameters():
-        p.requires_grad_(False)
+    gm = _frozen_module(convert, _single_output(model, output))
     by_output = {}
     for mod in gm.modules():
         mapping = getattr(mod, "onnx_mapping", None)
