@@ -39,7 +39,8 @@ PLANS = {
         "common": {"only": ("MatMul",)}, "eval_rows": 500, "large_batch": 16,
         "configs": ["svd:ratio=0.5", "svd:params=0.5;allocation=error", "svd:params=0.5;allocation=threshold",
                     "whiten:ratio=0.9,0.7,0.5", "whiten:params=0.5;allocation=error", "whiten:params=0.9,0.7,0.5",
-                    "whiten:params=0.5;sequential=1", "whiten:params=0.5;latency_aware=1;latency_batches=1+16"],
+                    "whiten:params=0.5;sequential=1", "kfac:ratio=0.5", "kfac:params=0.7,0.5",
+                    "whiten:params=0.5;latency_aware=1;latency_batches=1+16"],
     },
     "deepfm-ml100k": {
         "common": {}, "eval_rows": None, "large_batch": 512,
