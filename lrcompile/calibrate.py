@@ -124,6 +124,15 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return m
 
 
+def feed_mask(feed: dict[str, np.ndarray], mask_input: str | None) -> np.ndarray | None:
+    """The boolean keep-mask of one batch (``mask_input != 0``), or None without a mask input."""
+    if mask_input is None:
+        return None
+    if mask_input not in feed:
+        raise LrcError(f"--mask-input {mask_input!r} is not an input of the model")
+    return np.asarray(feed[mask_input]) != 0
+
+
 def _row_mask(mask: np.ndarray | None, lead: tuple[int, ...]) -> np.ndarray | None:
     if mask is None:
         return None
@@ -179,11 +188,7 @@ def collect_stats(
         for feed in batches:
             outs = dict(zip(names, sess.run(names, feed)))
             refs = dict(zip(ref_names, ref_sess.run(ref_names, feed))) if ref_sess is not None else {}
-            mask = None
-            if mask_input is not None:
-                if mask_input not in feed:
-                    raise LrcError(f"--mask-input {mask_input!r} is not an input of the model")
-                mask = np.asarray(feed[mask_input]) != 0
+            mask = feed_mask(feed, mask_input)
             for key, req in requests.items():
                 x = outs[req.tensor]
                 xr = refs.get(req.tensor) if key in paired else None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import types
 import warnings
 import zipfile
@@ -324,6 +325,17 @@ def _frozen_module(convert, model: onnx.ModelProto):
     return gm
 
 
+def _modules_by_output(gm, *, single: bool = False) -> dict:
+    """ONNX output name -> the onnx2torch module that computes it (its first output; with ``single``
+    only modules with exactly one output)."""
+    by_output = {}
+    for mod in gm.modules():
+        mapping = getattr(mod, "onnx_mapping", None)
+        if mapping is not None and mapping.outputs and (len(mapping.outputs) == 1 or not single):
+            by_output[mapping.outputs[0]] = mod
+    return by_output
+
+
 def _choose_loss(out, y: np.ndarray) -> str:
     binary = y.size > 0 and bool(np.all((y == 0) | (y == 1)))
     probs = bool(((out >= 0) & (out <= 1)).all())
@@ -397,11 +409,7 @@ def collect_fisher(
     prepared, lifted, baked = _lift(model, values, output)
     gm = _frozen_module(convert, prepared)
     torch.manual_seed(0)
-    by_output = {}
-    for mod in gm.modules():
-        mapping = getattr(mod, "onnx_mapping", None)
-        if mapping is not None and mapping.outputs:
-            by_output[mapping.outputs[0]] = mod
+    by_output = _modules_by_output(gm)
     params = {w: [next(c.weight for c in by_output[o].modules() if isinstance(c, torch.nn.modules.conv._ConvNd))
                   for o in outs_] for w, outs_ in baked.items()}
     for ps in params.values():
@@ -585,11 +593,9 @@ def collect_output_curvature(
     if probes < 1:
         raise LrcError(f"--probes {probes}: give at least one probe per batch")
     convert = _import_convert()
-    import time
-
     import torch
 
-    from .calibrate import _row_mask
+    from .calibrate import _row_mask, _rows, feed_mask
 
     t0 = time.perf_counter()
     outs = [o.name for o in model.graph.output]
@@ -597,11 +603,7 @@ def collect_output_curvature(
     if output not in outs:
         raise LrcError(f"the probed output {output!r} (--metric-output) is not a model output; choose one of {outs}")
     gm = _frozen_module(convert, _single_output(model, output))
-    by_output = {}
-    for mod in gm.modules():
-        mapping = getattr(mod, "onnx_mapping", None)
-        if mapping is not None and len(mapping.outputs) == 1:
-            by_output[mapping.outputs[0]] = mod
+    by_output = _modules_by_output(gm, single=True)
     res = OutputCurvature(info={"output": output, "probes": probes, "seed": seed, "mask_input": mask_input})
     names = []
     for t in dict.fromkeys(tensors):
@@ -633,9 +635,7 @@ def collect_output_curvature(
             missing = [n for n in order if n not in feed]
             if missing:
                 raise LrcError(f"calibration batch lacks model inputs {missing}")
-            if mask_input is not None and mask_input not in feed:
-                raise LrcError(f"--mask-input {mask_input!r} is not an input of the model")
-            mask = np.asarray(feed[mask_input]) != 0 if mask_input is not None else None
+            mask = feed_mask(feed, mask_input)
             captured.clear()
             with torch.enable_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # onnx2torch's tracing notes, one per batch
@@ -665,7 +665,7 @@ def collect_output_curvature(
                             rows = rows[keeps[t]]
                         acc = rows.T @ rows
                         grams[t] = acc if t not in grams else grams[t] + acc
-            n_rows = _rows_of(feed)
+            n_rows = _rows(feed)
             seen += n_rows
             kept += int(mask.sum()) if mask is not None else 0
             bar.update(n_rows)
@@ -680,6 +680,3 @@ def collect_output_curvature(
                      "seconds": round(time.perf_counter() - t0, 3)})
     return res
 
-
-def _rows_of(feed: dict[str, np.ndarray]) -> int:
-    return int(next(iter(feed.values())).shape[0]) if feed else 0
