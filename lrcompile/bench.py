@@ -391,7 +391,7 @@ def _data_options(ds: Dataset, opts: dict) -> dict:
     needs = set().union(*(METHODS[m].needs for m in methods))
     budget = any(opts.get(k) is not None for k in ("params", "flops", "max_drop")) and \
         opts.get("allocation", "auto") in ("auto", "sensitivity")
-    if not needs and not budget:
+    if not needs and not budget and opts.get("prune_mlp") is None:
         return opts
     if ds.calib is None:
         raise LrcError(f"{', '.join(sorted(methods))} need calibration data: pass --calib (or a build folder)")

@@ -145,6 +145,9 @@ def main() -> None:
 @click.option("--layer-method", "layer_methods", multiple=True, help="Per-layer method REGEX=METHOD (repeatable).")
 @click.option("--sequential", is_flag=True, help="Calibrate each layer on the outputs of already-compressed ones "
               "and fit it to the original's outputs (slower, more accurate).")
+@click.option("--prune-mlp", type=float, help="Keep this fraction of each MLP's hidden channels (Linear -> activation "
+              "-> Linear: transformer FFNs, CTR towers), second layer refitted on --calib; the other layers "
+              "follow the rank policy or budget.")
 @click.option("--fisher", help="fwsvd: Fisher .npz (weight name -> squared-gradient sums), or 'collect' (torch).")
 @click.option("--labels", help="Labels .npy of the --calib rows, for --fisher collect and the auc/logloss metrics (default: __labels__ in the --calib .npz).")
 @click.option("--loss", type=click.Choice(["auto", "bce", "ce", "mse"]), default="auto", show_default=True,
@@ -216,8 +219,9 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, no_verify, d
             if res.report.get("plan"):
                 click.echo("\n" + plan_summary(res.report["plan"], res.layers))
             tot = res.report["totals"]
-            click.echo(f"\n{tot['factorized']} factorized, {tot['declined']} declined; "
-                       f"params in factorized layers {tot['params_before']:,} -> {tot['params_after']:,}"
+            click.echo(f"\n{tot['factorized']} factorized, " + (f"{tot['pruned']} pruned, " if tot["pruned"] else "")
+                       + f"{tot['declined']} declined; "
+                       f"params in {'compressed' if tot['pruned'] else 'factorized'} layers {tot['params_before']:,} -> {tot['params_after']:,}"
                        + (f" ({tot['params_ratio']:.1%})" if tot["params_ratio"] is not None else ""))
             if res.verification:
                 src = res.feeds["source"]

@@ -54,6 +54,10 @@ class CompileConfig:
             layers before it and fit it to the original model's outputs (target correction; one
             ORT pass of both models per stage) instead of one pass on the original. Under a
             global budget the ranks come from the one-shot planner, the factors from the stages.
+        prune_mlp: keep this fraction of the hidden channels of every MLP pair (Linear ->
+            channel-wise activation -> Linear, e.g. a transformer FFN or a CTR tower) and refit the
+            second layer (``lrcompile.factorize.channels``); runs before, and is left out of, the
+            low-rank passes, whose rank policy or budget then applies to the other layers.
         fisher: Fisher information for ``fwsvd``: an .npz of weight name -> summed squared
             gradients (stored layout), or ``"collect"`` to compute it from the calibration data
             and labels with torch (``lrcompile[fisher]``).
@@ -114,6 +118,7 @@ class CompileConfig:
     method_options: dict = field(default_factory=dict)
     layer_methods: tuple[str, ...] = ()
     sequential: bool = False
+    prune_mlp: float | None = None
     fisher: str | None = None
     labels: str | None = None
     loss: str = "auto"
@@ -214,6 +219,16 @@ class CompileConfig:
         if self.sequential and self.max_drop is not None:
             raise LrcError("--max-drop measures one-shot models in its search, so it cannot promise the drop of a "
                            "--sequential one; use --sequential with --params or --flops")
+        if self.prune_mlp is not None:
+            if not 0 < self.prune_mlp <= 1:
+                raise LrcError(f"--prune-mlp {self.prune_mlp}: give the fraction of MLP hidden channels to keep, "
+                               f"in (0, 1] (e.g. --prune-mlp 0.5)")
+            if not self.calib:
+                raise LrcError("--prune-mlp chooses channels and refits the second layer on calibration data: "
+                               "pass --calib")
+            if self.max_drop is not None:
+                raise LrcError("--max-drop searches low-rank budgets on the unpruned model; use --prune-mlp with "
+                               "--params/--flops or a rank policy")
         if self.allocation not in ALLOCATIONS:
             raise LrcError(f"--allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         if self.allocation == "sensitivity" and not self.calib:

@@ -69,8 +69,15 @@ def _subgraph_nodes(graph: gs.Graph):
                     yield from _subgraph_nodes(sub)
 
 
-def analyze(model: onnx.ModelProto, config: CompileConfig) -> Analysis:
-    """Import the model and sort its nodes into candidates and declines (reasons as values)."""
+def _selected(label: str, op: str, config: CompileConfig) -> bool:
+    """Whether --only/--exclude/--include let a node be compressed."""
+    return ((config.only is None or op in config.only) and not any(re.search(p, label) for p in config.exclude)
+            and (not config.include or any(re.search(p, label) for p in config.include)))
+
+
+def analyze(model: onnx.ModelProto, config: CompileConfig, skip: frozenset[str] = frozenset()) -> Analysis:
+    """Import the model and sort its nodes into candidates and declines (reasons as values); nodes
+    labelled in ``skip`` (already compressed another way) are neither."""
     from lrcompile.passes import BY_OP
 
     graph = gs.import_onnx(model)
@@ -82,6 +89,8 @@ def analyze(model: onnx.ModelProto, config: CompileConfig) -> Analysis:
         if p is None or node.domain not in (None, "", "ai.onnx"):
             continue
         label = node_label(node)
+        if label in skip:
+            continue
         if config.only is not None and node.op not in config.only:
             declines.append(Decline(node, p.name, f"op not selected (--only {','.join(config.only)})"))
             continue
@@ -389,9 +398,14 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     if config.verify or config.target in ("ort", "trt") or config.flops is not None or config.resolved_latency_aware:
         feeds_list = _feeds(model, config)
 
-    analysis = analyze(model, config)
+    pruned: list[LayerRecord] = []
+    pruning = None
+    if config.prune_mlp is not None:
+        model, pruned, pruning = prune_mlps(model, config, progress=progress)
+        t["prune"] = time.perf_counter()
+    analysis = analyze(model, config, skip=frozenset(r.node for r in pruned))
     t["analyze"] = time.perf_counter()
-    if not analysis.candidates and not analysis.declines:
+    if not analysis.candidates and not analysis.declines and not pruned:
         raise LrcError(f"{src}: no MatMul/Gemm/Conv/Gather node with a constant weight; nothing to compress")
     ctx = RewriteContext(analysis.graph, Namer(analysis.graph))
     fisher = _fisher(model, analysis.candidates, config, progress=progress)
@@ -440,8 +454,8 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
         t["factorize"] = time.perf_counter()
         if p.by_key:
             apply(ctx, analysis.candidates, p)
-    records = p.records + decline_records(analysis.declines)
-    if not p.by_key:
+    records = pruned + p.records + decline_records(analysis.declines)
+    if not p.by_key and not pruned:
         slow = any("not faster" in r.reason for r in records)
         raise LrcError(f"{src}: every candidate was declined ({_decline_summary(records)}); "
                        + ("pass --size-only to compress them anyway, or " if slow else "")
@@ -481,10 +495,60 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
         calib_info = {**(calib_info or {}), "output_curvature": curvature.info}
     result.report["calibration"] = calib_info
     result.report["plan"] = plan_info
+    result.report["mlp_pruning"] = pruning
     if status == "FAILED":
         raise VerificationFailed("verification FAILED: " + "; ".join(failures)
                                  + " (no output written; relax the rank policy or the tolerance)", result=result)
     return result
+
+
+def prune_mlps(model: onnx.ModelProto, config: CompileConfig, *, progress: bool = False
+               ) -> tuple[onnx.ModelProto, list[LayerRecord], dict]:
+    """``--prune-mlp``: keep that fraction of the hidden channels of every MLP pair and refit each
+    second layer on the calibration data (``passes.mlp`` finds and rewrites the pairs,
+    ``factorize.channels`` chooses). Returns the smaller model, one record per rewritten layer,
+    and the report section (per pair: channels kept, parameters, the refit's relative error)."""
+    from .calibrate import CalibSource, StatRequest, collect_stats, iter_calibration
+    from .factorize.channels import keep_count, prune_channels
+    from .passes import mlp
+
+    t0 = time.perf_counter()
+    graph = gs.import_onnx(model)
+    nodes = [n for n in graph.nodes if n.domain in (None, "", "ai.onnx")]
+    pairs, reasons = mlp.find_pairs(graph, ConstantResolver(graph), nodes)
+    pairs = [pr for pr in pairs if all(_selected(node_label(n), n.op, config) for n in (pr.up.node, pr.down.node))]
+    info = {"keep": config.prune_mlp, "pairs": [], "not_pairs": reasons}
+    if not pairs:
+        log.warning("--prune-mlp: no MLP pair (Linear -> channel-wise activation -> Linear with constant weights) "
+                    "in this model; nothing pruned")
+        return model, [], {**info, "seconds": round(time.perf_counter() - t0, 3)}
+    requests = {pr.hidden: StatRequest(pr.hidden, pr.width) for pr in pairs}
+    src = CalibSource(config.calib, config.calib_samples, config.calib_batch)
+    stats, calib = collect_stats(model, requests, iter_calibration(src, model), mask_input=_mask_input(model, config),
+                                 progress=progress, total=config.calib_samples)
+    ctx = RewriteContext(graph, Namer(graph))
+    records = []
+    for pr in tqdm(pairs, desc="prune MLPs", unit="pair", disable=None if progress else True, leave=False):
+        st = stats[pr.hidden][0]
+        k = keep_count(pr.width, config.prune_mlp, config.multiple)
+        t1 = time.perf_counter()
+        cp = prune_channels(st.gram, st.in_sum, st.count, pr.down.weight, pr.down.bias, k)
+        mlp.rewrite(pr, cp.keep, cp.weight, cp.bias, ctx)
+        secs = round(time.perf_counter() - t1, 3)
+        up, down = pr.up, pr.down
+        reason = f"MLP hidden channels {k}/{pr.width} kept (--prune-mlp {config.prune_mlp:g})"
+        for lin, err in ((up, None), (down, cp.rel_error)):
+            kin, kout = lin.weight.shape
+            after = kin * k if lin is up else k * kout
+            records.append(LayerRecord(node=node_label(lin.node), op=lin.node.op, shape=[kin, kout], decision="pruned",
+                                       reason=reason + ("" if lin is up else ", refitted"), weight=lin.node.inputs[1].name,
+                                       params_before=kin * kout, params_after=after, rel_error=err, method="prune",
+                                       seconds=secs if lin is down else None))
+        info["pairs"].append({"up": node_label(up.node), "down": node_label(down.node), "channels": pr.width,
+                              "kept": k, "params_before": pr.params(), "params_after": pr.params(k),
+                              "rel_error": cp.rel_error, "chain": [n.op for n in pr.chain]})
+    info.update(samples=calib.get("samples"), mask_kept_rows=calib.get("mask_kept_rows"), seconds=round(time.perf_counter() - t0, 3))
+    return export(graph, model), records, info
 
 
 def _plan_ranks(model: onnx.ModelProto, analysis: Analysis, config: CompileConfig, stats, fisher, feeds_list,

@@ -17,7 +17,7 @@ class LayerRecord:
     node: str
     op: str
     shape: list[int] | None
-    decision: str  # "factorized" | "declined"
+    decision: str  # "factorized" | "pruned" (--prune-mlp) | "declined"
     reason: str = ""
     weight: str = ""
     groups: int = 1
@@ -61,12 +61,13 @@ def layers_table(layers: list[LayerRecord], *, declined: bool = True) -> str:
 
 
 def totals(layers: list[LayerRecord]) -> dict:
-    done = [r for r in layers if r.decision == "factorized" and not r.shared_with]
+    done = [r for r in layers if r.decision in ("factorized", "pruned") and not r.shared_with]
     before = sum(r.params_before or 0 for r in done)
     after = sum(r.params_after or 0 for r in done)
     return {
         "candidates": len(layers),
         "factorized": sum(r.decision == "factorized" for r in layers),
+        "pruned": sum(r.decision == "pruned" for r in layers),
         "declined": sum(r.decision == "declined" for r in layers),
         "params_before": before,
         "params_after": after,

@@ -1,0 +1,110 @@
+"""--prune-mlp end to end on small graphs: pair detection, lossless at full width, the reported error."""
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+from onnx import numpy_helper
+
+import lrcompile
+from lrcompile.errors import LrcError
+from helpers import make_model, run, save, vi
+
+ROWS = 256
+
+
+def _model():
+    rng = np.random.default_rng(0)
+    w = lambda *s: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)  # noqa: E731
+    sc = lambda name, v: (name, np.array(v, np.float32))  # noqa: E731
+    inits = [("W1", w(16, 32)), ("b1", w(1, 32)[0]), ("W2", w(32, 8)), ("b2", w(1, 8)[0]),
+             ("W3", w(24, 16)), ("b3", w(1, 24)[0]), ("W4", w(24, 6)), ("b4", w(1, 6)[0]),
+             ("W5", w(16, 20)), ("W6", w(20, 4)), sc("sqrt2", 1.4142135), sc("one", 1.0), sc("half", 0.5)]
+    nodes = [
+        # transformer FFN as exported: MatMul + Add, Erf-GELU, MatMul + Add
+        helper.make_node("MatMul", ["x", "W1"], ["u"], name="ffn/up"),
+        helper.make_node("Add", ["u", "b1"], ["ub"], name="ffn/up_bias"),
+        helper.make_node("Div", ["ub", "sqrt2"], ["g1"], name="ffn/gelu_div"),
+        helper.make_node("Erf", ["g1"], ["g2"], name="ffn/gelu_erf"),
+        helper.make_node("Add", ["g2", "one"], ["g3"], name="ffn/gelu_add"),
+        helper.make_node("Mul", ["ub", "g3"], ["g4"], name="ffn/gelu_mul"),
+        helper.make_node("Mul", ["g4", "half"], ["h"], name="ffn/gelu_half"),
+        helper.make_node("MatMul", ["h", "W2"], ["d"], name="ffn/down"),
+        helper.make_node("Add", ["d", "b2"], ["y"], name="ffn/down_bias"),
+        # CTR tower: Gemm (transB) -> Relu -> Gemm
+        helper.make_node("Gemm", ["x", "W3", "b3"], ["t"], name="tower/fc1", transB=1),
+        helper.make_node("Relu", ["t"], ["tr"], name="tower/relu"),
+        helper.make_node("Gemm", ["tr", "W4", "b4"], ["z"], name="tower/fc2"),
+        # not a pair: the hidden activation is also a model output
+        helper.make_node("MatMul", ["x", "W5"], ["p"], name="side/fc1"),
+        helper.make_node("Relu", ["p"], ["pr"], name="side/relu"),
+        helper.make_node("MatMul", ["pr", "W6"], ["q"], name="side/fc2"),
+    ]
+    return make_model(nodes, [vi("x", ["batch", 16])],
+                      [vi("y", ["batch", 8]), vi("z", ["batch", 6]), vi("q", ["batch", 4]), vi("pr", ["batch", 20])],
+                      inits)
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    src = save(_model(), tmp_path / "mlp.onnx")
+    x = np.random.default_rng(1).standard_normal((ROWS, 16)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    return src, tmp_path / "calib.npz", {"x": x}
+
+
+def _inits(path):
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def test_full_width_is_lossless(setup, tmp_path):
+    src, calib, feeds = setup
+    out = tmp_path / "full.onnx"
+    res = lrcompile.compile(src, out, calib=str(calib), prune_mlp=1.0, multiple=1, min_params=0, exclude=("side/",))
+    assert res.report["totals"]["pruned"] == 4
+    assert sorted(p["up"] for p in res.report["mlp_pruning"]["pairs"]) == ["ffn/up", "tower/fc1"]
+    assert "model output" in res.report["mlp_pruning"]["not_pairs"]["side/fc1"]
+    a, b = run(src, feeds), run(out, feeds)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5)
+
+
+def test_half_width_shrinks_both_layers_and_reports_the_error_it_makes(setup, tmp_path):
+    src, calib, feeds = setup
+    out = tmp_path / "half.onnx"
+    res = lrcompile.compile(src, out, calib=str(calib), prune_mlp=0.5, multiple=1, min_params=0, rank=4,
+                            exclude=("side/",))
+    pairs = {p["up"]: p for p in res.report["mlp_pruning"]["pairs"]}
+    assert pairs["ffn/up"]["kept"] == 16 and pairs["tower/fc1"]["kept"] == 12
+    shapes = sorted(v.shape for v in _inits(out).values() if v.ndim == 2)
+    assert (16, 16) in shapes and (16, 8) in shapes  # W1[:, keep], refitted W2
+    assert (12, 16) in shapes and (12, 6) in shapes  # W3 rows (transB), refitted W4
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("MatMul") == 4 and ops.count("Gemm") == 2  # no node added by pruning
+    a, b = run(src, feeds), run(out, feeds)
+    for name, up in (("y", "ffn/up"), ("z", "tower/fc1")):
+        measured = np.linalg.norm(b[name].astype(np.float64) - a[name]) / np.linalg.norm(a[name])
+        assert 0 < measured < 0.9
+        assert pairs[up]["rel_error"] == pytest.approx(measured, rel=1e-3, abs=1e-5)
+    np.testing.assert_array_equal(b["pr"], a["pr"])  # the excluded, non-pair branch is untouched
+
+
+def test_pruning_is_deterministic(setup, tmp_path):
+    src, calib, _ = setup
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"d{i}.onnx"
+        lrcompile.compile(src, out, calib=str(calib), prune_mlp=0.5, multiple=1, min_params=0, verify=False)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"prune_mlp": 0.5}, "--prune-mlp chooses channels"),
+    ({"prune_mlp": 1.5, "calib": "c.npz"}, "in \\(0, 1\\]"),
+    ({"prune_mlp": 0.5, "calib": "c.npz", "max_drop": 0.01, "metric": "cosine"}, "--max-drop"),
+])
+def test_bad_options_are_one_line_errors(setup, tmp_path, kw, msg):
+    src, _, _ = setup
+    with pytest.raises(LrcError, match=msg):
+        lrcompile.compile(src, tmp_path / "o.onnx", **kw)
+    assert not (tmp_path / "o.onnx").exists()
