@@ -319,13 +319,14 @@ def _original_outputs(ds: Dataset, progress: bool) -> np.ndarray:
 
 
 def _model_facts(path: Path, shapes: dict[str, tuple]) -> dict:
-    from .flops import count_flops, param_count
+    from .flops import count_flops, param_count, weight_params
     from .io import load_model
 
     model = load_model(path)
     flops = count_flops(model, shapes)
     size = sum(f.stat().st_size for f in path.parent.glob(path.name + "*") if f.is_file())
-    return {"params": param_count(model)["float"], "flops": flops["total"], "file_bytes": size,
+    return {"params": param_count(model)["float"], "weight_params": weight_params(model), "flops": flops["total"],
+            "file_bytes": size,
             "flops_unknown_nodes": len(flops["unknown"])}
 
 
@@ -484,7 +485,8 @@ def run_bench(ds: Dataset, configs: list[BenchConfig], out: str | Path, *, commo
         base = _score(ds, y0, None)
         facts0 = _model_facts(ds.model, shapes1)
         orig = {"config": "original", "method": "original", "status": "ok", "factorized": 0,
-                "factorized_params_ratio": 1.0, "params_ratio": 1.0, "flops_ratio": 1.0, "file_ratio": 1.0,
+                "factorized_params_ratio": 1.0, "weight_params_ratio": 1.0, "params_ratio": 1.0, "flops_ratio": 1.0,
+                "file_ratio": 1.0,
                 **facts0, **base}
         if trt:
             orig.update(_trt(ds.model, shapes_big, work / "original.engine"))
@@ -513,6 +515,8 @@ def run_bench(ds: Dataset, configs: list[BenchConfig], out: str | Path, *, commo
                 layers[cfg.label] = _layers(res)
                 facts = _model_facts(dst, shapes1)
                 row.update(facts, params_ratio=facts["params"] / facts0["params"],
+                           weight_params_ratio=facts["weight_params"] / facts0["weight_params"]
+                           if facts0["weight_params"] else None,
                            flops_ratio=facts["flops"] / facts0["flops"] if facts0["flops"] else None,
                            file_ratio=facts["file_bytes"] / facts0["file_bytes"])
                 y = run_outputs(dst, ds.feed, ds.output, ds.batch_size, progress=progress, desc="eval")
@@ -646,7 +650,7 @@ def results_table(results: dict, tablefmt: str = "simple") -> str:
         metric_keys = [results["primary"]] + metric_keys
     lat = results["settings"]["latency"]
     tags = [f"b{b}" for b in lat["batches"]] if lat else []
-    head = ["config", "fact. params", "params", "FLOPs", "file MB", *metric_keys, "rel L2",
+    head = ["config", "fact. params", "weights", "params", "FLOPs", "file MB", *metric_keys, "rel L2",
             *[f"lat {t} (comp/orig)" for t in tags], "TRT MB"]
     body = []
     for r in results["rows"]:
@@ -657,6 +661,7 @@ def results_table(results: dict, tablefmt: str = "simple") -> str:
         body.append([
             r["config"],
             f"{fr:.2f}" if fr is not None else "-",
+            _num(r.get("weight_params_ratio"), ".3f"),
             f"{_si(r['params'])} ({r['params_ratio']:.2f})",
             f"{_si(r['flops'])} ({r['flops_ratio']:.2f})" if r.get("flops_ratio") is not None else "-",
             f"{r['file_bytes'] / 1e6:.2f}",

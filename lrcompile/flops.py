@@ -76,6 +76,22 @@ def param_count(model: onnx.ModelProto) -> dict[str, int]:
     return {"float": flt, "all": total}
 
 
+def weight_params(model: onnx.ModelProto, ops: tuple[str, ...] = ("MatMul", "Gemm", "Conv")) -> int:
+    """Elements of the constant weights the linear layers read (either operand of MatMul, Gemm's
+    and Conv's second): the dense weights and the factors that replace them, each tensor once.
+    Biases, embeddings and norms are not counted: this is the "MatMul parameters" of a budget."""
+    consts = {t.name: t for t in model.graph.initializer}
+    consts.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+    seen: set[str] = set()
+    for n in model.graph.node:
+        if n.op_type in ops:
+            for name in (n.input[:2] if n.op_type == "MatMul" else n.input[1:2]):
+                if name in consts:
+                    seen.add(name)
+    return sum(int(np.prod(consts[k].dims)) if len(consts[k].dims) else 1 for k in seen)
+
+
 def _value_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
     g = model.graph
     return {vi.name: _shape(vi) for vi in list(g.input) + list(g.value_info) + list(g.output)}

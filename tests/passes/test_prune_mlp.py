@@ -7,6 +7,7 @@ from onnx import numpy_helper
 
 import lrcompile
 from lrcompile.errors import LrcError
+from lrcompile.flops import weight_params
 from helpers import make_model, run, save, vi
 
 ROWS = 256
@@ -78,6 +79,9 @@ def test_half_width_shrinks_both_layers_and_reports_the_error_it_makes(setup, tm
     shapes = sorted(v.shape for v in _inits(out).values() if v.ndim == 2)
     assert (16, 16) in shapes and (16, 8) in shapes  # W1[:, keep], refitted W2
     assert (12, 16) in shapes and (12, 6) in shapes  # W3 rows (transB), refitted W4
+    # the budget's "linear weight" parameters: pairs at half width, side branch (excluded) dense
+    assert weight_params(onnx.load(str(src))) == 16 * 32 + 32 * 8 + 16 * 24 + 24 * 6 + 16 * 20 + 20 * 4
+    assert weight_params(onnx.load(str(out))) == 16 * 16 + 16 * 8 + 16 * 12 + 12 * 6 + 16 * 20 + 20 * 4
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert ops.count("MatMul") == 4 and ops.count("Gemm") == 2  # no node added by pruning
     a, b = run(src, feeds), run(out, feeds)
