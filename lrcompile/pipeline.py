@@ -530,6 +530,9 @@ def prune_mlps(model: onnx.ModelProto, config: CompileConfig, *, progress: bool 
     records = []
     for pr in tqdm(pairs, desc="prune MLPs", unit="pair", disable=None if progress else True, leave=False):
         st = stats[pr.hidden][0]
+        if st.count == 0:
+            raise LrcError(f"--prune-mlp: no calibration row reached {pr.label} (every row masked out?); "
+                           f"check --calib and --mask-input")
         k = keep_count(pr.width, config.prune_mlp, config.multiple)
         t1 = time.perf_counter()
         cp = prune_channels(st.gram, st.in_sum, st.count, pr.down.weight, pr.down.bias, k)
@@ -740,7 +743,8 @@ def build_report(res: CompileResult, *, notes: list[str], folded: list[str]) -> 
         "output": str(out) if out else None,
         "output_sha256": sha256(out) if out else None,
         "config": res.config.to_dict(),
-        "pipeline": ("analyze," + ("calibrate," if res.config.calib else "")
+        "pipeline": ((f"prune-mlp{{keep={res.config.prune_mlp:g}}}," if res.config.prune_mlp is not None else "")
+                     + "analyze," + ("calibrate," if res.config.calib else "")
                      + f"{res.config.resolved_method}{{{res.config.describe_ranks()},multiple={res.config.multiple}}},"
                     "rewrite,cleanup,check" + (",verify" if res.config.verify else "") + f",target={res.config.target}"),
         "totals": totals(res.layers),
