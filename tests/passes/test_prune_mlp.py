@@ -112,3 +112,13 @@ def test_bad_options_are_one_line_errors(setup, tmp_path, kw, msg):
     with pytest.raises(LrcError, match=msg):
         lrcompile.compile(src, tmp_path / "o.onnx", **kw)
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.trt
+def test_pruned_model_builds_a_tensorrt_engine(setup, tmp_path):
+    src, calib, _ = setup
+    out = tmp_path / "trt.onnx"
+    res = lrcompile.compile(src, out, calib=str(calib), prune_mlp=0.5, multiple=1, min_params=0, exclude=("side/",),
+                            target="trt")
+    engine = res.target["engine"]["path"]
+    assert res.status == "PASSED" and (tmp_path / "trt.engine").exists() and engine.endswith("trt.engine")
