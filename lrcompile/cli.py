@@ -219,9 +219,10 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, no_verify, d
             if res.report.get("plan"):
                 click.echo("\n" + plan_summary(res.report["plan"], res.layers))
             tot = res.report["totals"]
+            kind = "compressed" if tot["pruned"] else "factorized"
             click.echo(f"\n{tot['factorized']} factorized, " + (f"{tot['pruned']} pruned, " if tot["pruned"] else "")
-                       + f"{tot['declined']} declined; "
-                       f"params in {'compressed' if tot['pruned'] else 'factorized'} layers {tot['params_before']:,} -> {tot['params_after']:,}"
+                       + f"{tot['declined']} declined; params in {kind} layers "
+                       f"{tot['params_before']:,} -> {tot['params_after']:,}"
                        + (f" ({tot['params_ratio']:.1%})" if tot["params_ratio"] is not None else ""))
             if res.verification:
                 src = res.feeds["source"]

@@ -57,7 +57,9 @@ class CompileConfig:
         prune_mlp: keep this fraction of the hidden channels of every MLP pair (Linear ->
             channel-wise activation -> Linear, e.g. a transformer FFN or a CTR tower) and refit the
             second layer (``lrcompile.factorize.channels``); runs before, and is left out of, the
-            low-rank passes, whose rank policy or budget then applies to the other layers.
+            low-rank passes, whose rank policy or budget then applies to the other layers (the
+            planner's sensitivities and ``--sequential``'s targets are then measured against the
+            pruned model; verification is always against the original).
         fisher: Fisher information for ``fwsvd``: an .npz of weight name -> summed squared
             gradients (stored layout), or ``"collect"`` to compute it from the calibration data
             and labels with torch (``lrcompile[fisher]``).

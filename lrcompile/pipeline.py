@@ -550,7 +550,8 @@ def prune_mlps(model: onnx.ModelProto, config: CompileConfig, *, progress: bool 
         info["pairs"].append({"up": node_label(up.node), "down": node_label(down.node), "channels": pr.width,
                               "kept": k, "params_before": pr.params(), "params_after": pr.params(k),
                               "rel_error": cp.rel_error, "chain": [n.op for n in pr.chain]})
-    info.update(samples=calib.get("samples"), mask_kept_rows=calib.get("mask_kept_rows"), seconds=round(time.perf_counter() - t0, 3))
+    info.update(samples=calib.get("samples"), mask_kept_rows=calib.get("mask_kept_rows"),
+                seconds=round(time.perf_counter() - t0, 3))
     return export(graph, model), records, info
 
 
