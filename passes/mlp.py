@@ -153,7 +153,7 @@ def _follow(up: Linear, consts: ConstantResolver, outputs: set[str]) -> MlpPair 
                 continue
             if c.op in ("MatMul", "Gemm") and c.inputs[0] is t:
                 if down_node is not None:
-                    return "the hidden activation feeds more than one layer"
+                    return _mixing(chain, region, consts) or "the hidden activation feeds more than one layer"
                 down_node = c
                 continue
             if c.op not in ELEMENTWISE or c.domain not in (None, "", "ai.onnx") or len(c.outputs) != 1:
@@ -173,11 +173,19 @@ def _follow(up: Linear, consts: ConstantResolver, outputs: set[str]) -> MlpPair 
         return f"second layer: {down}"
     if down.weight.shape[0] != up.weight.shape[1]:
         return "the layers' hidden widths differ (a reshape between them)"
-    for n in chain:  # every operand must now be a chain tensor or a scalar constant
+    problem = _mixing(chain, region, consts)  # every operand must be a chain tensor or a scalar constant
+    if problem:
+        return problem
+    return MlpPair(up, down, chain, down_node.inputs[0].name)
+
+
+def _mixing(chain: list[gs.Node], region: set[str], consts: ConstantResolver) -> str | None:
+    """Why the chain is not channel-wise: an op reading a tensor from outside it that is not a scalar."""
+    for n in chain:
         for i in n.inputs:
             if i.name and i.name not in region and not _scalar(i, consts):
                 return f"{n.op} ({node_label(n)}) mixes in a tensor that is not a scalar constant"
-    return MlpPair(up, down, chain, down_node.inputs[0].name)
+    return None
 
 
 def rewrite(pair: MlpPair, keep: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,

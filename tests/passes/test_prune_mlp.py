@@ -122,3 +122,24 @@ def test_pruned_model_builds_a_tensorrt_engine(setup, tmp_path):
                             target="trt")
     engine = res.target["engine"]["path"]
     assert res.status == "PASSED" and (tmp_path / "trt.engine").exists() and engine.endswith("trt.engine")
+
+
+def test_a_chain_that_mixes_in_another_activation_is_not_a_pair(tmp_path):
+    # DCN-style cross layer: x0 * (x W1) feeds two layers; x0 is not a scalar, so channels are not independent
+    rng = np.random.default_rng(2)
+    inits = [("W1", rng.standard_normal((8, 8)).astype(np.float32)), ("W2", rng.standard_normal((8, 4)).astype(np.float32)),
+             ("W3", rng.standard_normal((8, 4)).astype(np.float32))]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["u"], name="cross/fc"),
+             helper.make_node("Mul", ["x", "u"], ["c"], name="cross/mul"),
+             helper.make_node("MatMul", ["c", "W2"], ["y"], name="head/a"),
+             helper.make_node("MatMul", ["c", "W3"], ["z"], name="head/b")]
+    src = save(make_model(nodes, [vi("x", ["batch", 8])], [vi("y", ["batch", 4]), vi("z", ["batch", 4])], inits),
+               tmp_path / "cross.onnx")
+    import onnx_graphsurgeon as gs
+    from lrcompile.ir import ConstantResolver
+    from lrcompile.passes import mlp
+
+    g = gs.import_onnx(onnx.load(str(src)))
+    pairs, reasons = mlp.find_pairs(g, ConstantResolver(g), list(g.nodes))
+    assert not pairs
+    assert "mixes in a tensor that is not a scalar constant" in reasons["cross/fc"]
