@@ -75,6 +75,9 @@ def prune_channels(gram: np.ndarray, in_sum: np.ndarray | None, count: int, weig
         raise ValueError(f"gram {gram.shape} does not match the weight's {n} input channels")
     if not 1 <= keep <= n:
         raise ValueError(f"keep={keep} must be in [1, {n}]")
+    if keep == n:  # nothing removed: the original, exactly
+        return ChannelPrune(np.arange(n), np.asarray(weight).copy(), None if bias is None else np.asarray(bias).copy(),
+                            0.0)
     w0 = np.asarray(weight, np.float64)
     c = np.asarray(gram, np.float64)
     if bias is not None:
@@ -85,9 +88,6 @@ def prune_channels(gram: np.ndarray, in_sum: np.ndarray | None, count: int, weig
         w0 = np.vstack([w0, np.asarray(bias, np.float64)[None, :]])
     t = c @ w0
     total = float(np.sum(w0 * t))
-    if keep == n:  # nothing removed: the original, exactly
-        return ChannelPrune(np.arange(n), np.asarray(weight).copy(), None if bias is None else np.asarray(bias).copy(),
-                            0.0)
     lam = damping * max(float(np.trace(c[:n, :n])) / n, np.finfo(np.float64).tiny)
     cd = c.copy()
     cd[np.arange(n), np.arange(n)] += lam
