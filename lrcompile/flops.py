@@ -62,14 +62,24 @@ def fix_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, 
     return m
 
 
+def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """The main graph's initializers and Constant-node tensors, by name."""
+    consts = {t.name: t for t in model.graph.initializer}
+    consts.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+    return consts
+
+
+def _elements(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims)) if len(t.dims) else 1
+
+
 def param_count(model: onnx.ModelProto) -> dict[str, int]:
     """Parameters of the model: elements of its float initializers and Constant-node tensors, each
     counted once (``float``), and of all of them whatever the dtype (``all``)."""
-    tensors = list(model.graph.initializer)
-    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     total = flt = 0
-    for t in tensors:
-        n = int(np.prod(t.dims)) if len(t.dims) else 1
+    for t in _constants(model).values():
+        n = _elements(t)
         total += n
         if helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f":
             flt += n
@@ -80,16 +90,10 @@ def weight_params(model: onnx.ModelProto, ops: tuple[str, ...] = ("MatMul", "Gem
     """Elements of the constant weights the linear layers read (either operand of MatMul, Gemm's
     and Conv's second): the dense weights and the factors that replace them, each tensor once.
     Biases, embeddings and norms are not counted: this is the "MatMul parameters" of a budget."""
-    consts = {t.name: t for t in model.graph.initializer}
-    consts.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
-                   for a in n.attribute if a.name == "value"})
-    seen: set[str] = set()
-    for n in model.graph.node:
-        if n.op_type in ops:
-            for name in (n.input[:2] if n.op_type == "MatMul" else n.input[1:2]):
-                if name in consts:
-                    seen.add(name)
-    return sum(int(np.prod(consts[k].dims)) if len(consts[k].dims) else 1 for k in seen)
+    consts = _constants(model)
+    seen = {name for n in model.graph.node if n.op_type in ops
+            for name in (n.input[:2] if n.op_type == "MatMul" else n.input[1:2]) if name in consts}
+    return sum(_elements(consts[k]) for k in seen)
 
 
 def _value_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
