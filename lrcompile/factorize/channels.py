@@ -78,28 +78,11 @@ def prune_channels(gram: np.ndarray, in_sum: np.ndarray | None, count: int, weig
     if keep == n:  # nothing removed: the original, exactly
         return ChannelPrune(np.arange(n), np.asarray(weight).copy(), None if bias is None else np.asarray(bias).copy(),
                             0.0)
-    w0 = np.asarray(weight, np.float64)
-    c = np.asarray(gram, np.float64)
-    if bias is not None:
-        if in_sum is None:
-            raise ValueError("a down bias needs the rows' sum (in_sum)")
-        s = np.asarray(in_sum, np.float64)[:, None]
-        c = np.block([[c, s], [s.T, np.array([[float(count)]])]])
-        w0 = np.vstack([w0, np.asarray(bias, np.float64)[None, :]])
+    c, w0 = _augmented(gram, in_sum, count, weight, bias)
     t = c @ w0
     total = float(np.sum(w0 * t))
-    lam = damping * max(float(np.trace(c[:n, :n])) / n, np.finfo(np.float64).tiny)
-    cd = c.copy()
-    cd[np.arange(n), np.arange(n)] += lam
-    const = [n] if bias is not None else []
-    kept = np.arange(n)
-    while len(kept) > keep:
-        idx = np.concatenate([kept, const]).astype(np.int64)
-        inv = np.linalg.inv(cd[np.ix_(idx, idx)])
-        w = inv @ t[idx]
-        cost = (np.sum(w * w, axis=1) / np.diag(inv))[:len(kept)]
-        drop = min(len(kept) - keep, max(1, int(len(kept) * STEP_FRACTION)))
-        kept = np.delete(kept, np.argsort(cost, kind="stable")[:drop])
+    cd, const = _damped(c, n, damping), [n] if bias is not None else []
+    kept = _eliminate(cd, t, np.arange(n), const, keep)
     idx = np.concatenate([kept, const]).astype(np.int64)
     w = np.linalg.solve(cd[np.ix_(idx, idx)], t[idx])
     c_ss = c[np.ix_(idx, idx)]
@@ -108,3 +91,74 @@ def prune_channels(gram: np.ndarray, in_sum: np.ndarray | None, count: int, weig
     if bias is not None:
         return ChannelPrune(kept, w[:-1], w[-1], rel)
     return ChannelPrune(kept, w, None, rel)
+
+
+def prune_curve(gram: np.ndarray, in_sum: np.ndarray | None, count: int, weight: np.ndarray,
+                bias: np.ndarray | None, *, smallest: int = 1, damping: float = 1e-6
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The refit's relative squared error along one elimination path, for a planner's error curve.
+
+    Runs the backward elimination of :func:`prune_channels` once, from all ``N`` channels down to
+    ``smallest``, and returns ``(sizes, err2)``: the kept counts it passes through (ascending,
+    ending at ``N`` with error 0) and ``||[H_S,1] W_S - [H,1] W0||^2 / ||[H,1] W0||^2`` with the
+    refit at each. ``prune_channels`` at one of these sizes can differ slightly (its last step is
+    cut to land on the size), so read the curve as an estimate between its points.
+    """
+    n = weight.shape[0]
+    c, w0 = _augmented(gram, in_sum, count, weight, bias)
+    t = c @ w0
+    total = float(np.sum(w0 * t))
+    if total <= 0:
+        sizes = np.arange(max(1, smallest), n + 1)
+        return sizes, np.zeros(len(sizes))
+    cd, const = _damped(c, n, damping), [n] if bias is not None else []
+    sizes, errs = [n], [0.0]
+
+    def record(kept: np.ndarray, w: np.ndarray, idx: np.ndarray) -> None:
+        sizes.append(len(kept))
+        errs.append(max(total - float(np.sum(w * t[idx])), 0.0) / total)
+
+    _eliminate(cd, t, np.arange(n), const, max(1, smallest), record)
+    order = np.argsort(sizes)
+    return np.asarray(sizes, np.int64)[order], np.asarray(errs)[order]
+
+
+def _augmented(gram, in_sum, count, weight, bias) -> tuple[np.ndarray, np.ndarray]:
+    """``C = [H, 1]^T [H, 1]`` and ``[B_down; b_down]`` in float64 (no constant column without a bias)."""
+    w0 = np.asarray(weight, np.float64)
+    c = np.asarray(gram, np.float64)
+    if bias is not None:
+        if in_sum is None:
+            raise ValueError("a down bias needs the rows' sum (in_sum)")
+        s = np.asarray(in_sum, np.float64)[:, None]
+        c = np.block([[c, s], [s.T, np.array([[float(count)]])]])
+        w0 = np.vstack([w0, np.asarray(bias, np.float64)[None, :]])
+    return c, w0
+
+
+def _damped(c: np.ndarray, n: int, damping: float) -> np.ndarray:
+    """``C`` with a ridge on its channel block, relative to the block's mean diagonal."""
+    lam = damping * max(float(np.trace(c[:n, :n])) / n, np.finfo(np.float64).tiny)
+    cd = c.copy()
+    cd[np.arange(n), np.arange(n)] += lam
+    return cd
+
+
+def _eliminate(cd: np.ndarray, t: np.ndarray, kept: np.ndarray, const: list[int], keep: int,
+               record=None) -> np.ndarray:
+    """Backward elimination in OBS order down to ``keep`` channels; ``record(kept, w, idx)`` sees
+    the refit at every kept set after the first. Returns the kept channels (sorted)."""
+    n = len(kept)
+    while True:
+        idx = np.concatenate([kept, const]).astype(np.int64)
+        if len(kept) <= keep:
+            if record is not None and len(kept) < n:
+                record(kept, np.linalg.solve(cd[np.ix_(idx, idx)], t[idx]), idx)
+            return kept
+        inv = np.linalg.inv(cd[np.ix_(idx, idx)])
+        w = inv @ t[idx]
+        if record is not None and len(kept) < n:
+            record(kept, w, idx)
+        cost = (np.sum(w * w, axis=1) / np.diag(inv))[:len(kept)]
+        drop = min(len(kept) - keep, max(1, int(len(kept) * STEP_FRACTION)))
+        kept = np.delete(kept, np.argsort(cost, kind="stable")[:drop])

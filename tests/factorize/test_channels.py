@@ -71,3 +71,20 @@ def test_keep_count_and_bad_arguments():
         prune_channels(*_stats(h), w, b, keep=0)
     with pytest.raises(ValueError, match="in_sum"):
         prune_channels(h.T @ h, None, len(h), w, b, keep=4)
+
+
+def test_prune_curve_matches_refits_on_its_path():
+    """The curve's errors are the exact refit errors of prune_channels at the sizes the path passes
+    through (where the step is not cut), falling to 0 at full width and rising as channels go."""
+    from lrcompile.factorize.channels import prune_channels, prune_curve
+
+    rng = np.random.default_rng(3)
+    h = np.maximum(rng.standard_normal((400, 48)) @ rng.standard_normal((48, 48)), 0)
+    w, b = rng.standard_normal((48, 10)), rng.standard_normal(10)
+    g, s = h.T @ h, h.sum(0)
+    sizes, err2 = prune_curve(g, s, len(h), w, b, smallest=4)
+    assert sizes[-1] == 48 and err2[-1] == 0 and sizes[0] == 4
+    assert np.all(np.diff(sizes) > 0) and np.all(np.diff(err2) <= 1e-12)  # more channels, less error
+    for k in sizes[:-1][::5]:
+        direct = prune_channels(g, s, len(h), w, b, int(k)).rel_error ** 2
+        assert np.isclose(err2[list(sizes).index(k)], direct, rtol=1e-3, atol=1e-9)
