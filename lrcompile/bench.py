@@ -97,7 +97,12 @@ def _coerce(key: str, raw: str, text: str):
         if t.startswith("int"):
             return int(raw)
         if t.startswith("float"):
-            return float(raw)
+            try:
+                return float(raw)
+            except ValueError:
+                if "str" in t:  # a number or a word (--prune-mlp auto)
+                    return raw
+                raise
         if t.startswith("tuple"):
             return tuple(raw.split("+"))
         if t.startswith("dict"):

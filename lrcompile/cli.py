@@ -145,9 +145,10 @@ def main() -> None:
 @click.option("--layer-method", "layer_methods", multiple=True, help="Per-layer method REGEX=METHOD (repeatable).")
 @click.option("--sequential", is_flag=True, help="Calibrate each layer on the outputs of already-compressed ones "
               "and fit it to the original's outputs (slower, more accurate).")
-@click.option("--prune-mlp", type=float, help="Keep this fraction of each MLP's hidden channels (Linear -> activation "
+@click.option("--prune-mlp", help="Keep this fraction of each MLP's hidden channels (Linear -> activation "
               "-> Linear: transformer FFNs, CTR towers), second layer refitted on --calib; the other layers "
-              "follow the rank policy or budget.")
+              "follow the rank policy or budget. 'auto': the --params/--max-drop planner chooses each MLP's "
+              "width with the other layers' ranks, under the one budget.")
 @click.option("--fisher", help="fwsvd: Fisher .npz (weight name -> squared-gradient sums), or 'collect' (torch).")
 @click.option("--labels", help="Labels .npy of the --calib rows, for --fisher collect and the auc/logloss metrics (default: __labels__ in the --calib .npz).")
 @click.option("--loss", type=click.Choice(["auto", "bce", "ce", "mse"]), default="auto", show_default=True,

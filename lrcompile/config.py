@@ -59,7 +59,9 @@ class CompileConfig:
             second layer (``lrcompile.factorize.channels``); runs before, and is left out of, the
             low-rank passes, whose rank policy or budget then applies to the other layers (the
             planner's sensitivities and ``--sequential``'s targets are then measured against the
-            pruned model; verification is always against the original).
+            pruned model; verification is always against the original). ``"auto"``: the global
+            budget's planner chooses each pair's width alongside the other layers' ranks (needs
+            ``params`` or ``max_drop``; see ``lrcompile.pruning``).
         fisher: Fisher information for ``fwsvd``: an .npz of weight name -> summed squared
             gradients (stored layout), or ``"collect"`` to compute it from the calibration data
             and labels with torch (``lrcompile[fisher]``).
@@ -120,7 +122,7 @@ class CompileConfig:
     method_options: dict = field(default_factory=dict)
     layer_methods: tuple[str, ...] = ()
     sequential: bool = False
-    prune_mlp: float | None = None
+    prune_mlp: float | str | None = None
     fisher: str | None = None
     labels: str | None = None
     loss: str = "auto"
@@ -221,14 +223,30 @@ class CompileConfig:
         if self.sequential and self.max_drop is not None:
             raise LrcError("--max-drop measures one-shot models in its search, so it cannot promise the drop of a "
                            "--sequential one; use --sequential with --params or --flops")
+        if isinstance(self.prune_mlp, str) and self.prune_mlp != "auto":
+            try:
+                object.__setattr__(self, "prune_mlp", float(self.prune_mlp))  # frozen: set once, here
+            except ValueError:
+                raise LrcError(f"--prune-mlp {self.prune_mlp!r}: give a fraction of MLP hidden channels to keep, "
+                               f"or auto") from None
         if self.prune_mlp is not None:
-            if not 0 < self.prune_mlp <= 1:
+            if self.prune_mlp != "auto" and not 0 < self.prune_mlp <= 1:
                 raise LrcError(f"--prune-mlp {self.prune_mlp}: give the fraction of MLP hidden channels to keep, "
-                               f"in (0, 1] (e.g. --prune-mlp 0.5)")
+                               f"in (0, 1] (e.g. --prune-mlp 0.5), or auto")
             if not self.calib:
                 raise LrcError("--prune-mlp chooses channels and refits the second layer on calibration data: "
                                "pass --calib")
-            if self.max_drop is not None:
+            if self.prune_mlp == "auto":
+                if self.params is None and self.max_drop is None:
+                    raise LrcError("--prune-mlp auto lets the budget's planner choose each MLP's width: give "
+                                   "--params or --max-drop (or a fraction, e.g. --prune-mlp 0.5)")
+                if self.sequential:
+                    raise LrcError("--prune-mlp auto does not combine with --sequential yet; give a fraction "
+                                   "(e.g. --prune-mlp 0.7) or drop --sequential")
+                if self.allocation == "threshold":
+                    raise LrcError("--prune-mlp auto needs measured or error-curve allocation; drop "
+                                   "--allocation threshold")
+            elif self.max_drop is not None:
                 raise LrcError("--max-drop searches low-rank budgets on the unpruned model; use --prune-mlp with "
                                "--params/--flops or a rank policy")
         if self.allocation not in ALLOCATIONS:

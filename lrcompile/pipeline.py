@@ -29,6 +29,7 @@ from .factorize import METHODS, Factorization, LayerStats, RankPolicy, break_eve
 from .factorize.derive import onehot_output_stats, sum_stats, with_output_stats
 from .io import atomic_output, commit, load_model, same_file, write_model
 from .ir import Candidate, ConstantResolver, Decline, RewriteContext, Namer, node_label
+from .pruning import MlpPairs, prune_mlps
 from .report import LayerRecord, sha256, totals
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,6 @@ def _subgraph_nodes(graph: gs.Graph):
                     for inner in sub.nodes:
                         yield node, inner
                     yield from _subgraph_nodes(sub)
-
-
-def _selected(label: str, op: str, config: CompileConfig) -> bool:
-    """Whether --only/--exclude/--include let a node be compressed."""
-    return ((config.only is None or op in config.only) and not any(re.search(p, label) for p in config.exclude)
-            and (not config.include or any(re.search(p, label) for p in config.include)))
 
 
 def analyze(model: onnx.ModelProto, config: CompileConfig, skip: frozenset[str] = frozenset()) -> Analysis:
@@ -399,13 +394,19 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
         feeds_list = _feeds(model, config)
 
     pruned: list[LayerRecord] = []
-    pruning = None
-    if config.prune_mlp is not None:
+    pruning = pairs = None
+    if config.prune_mlp == "auto":  # the budget's planner chooses each pair's width (lrcompile.pruning)
+        pairs = MlpPairs.find(model, config)
+        pruning = {"keep": "auto", "pairs": [], "not_pairs": pairs.reasons}
+        if not pairs.pairs:
+            log.warning("--prune-mlp auto: no MLP pair (Linear -> channel-wise activation -> Linear with constant "
+                        "weights) in this model; the budget goes to low rank alone")
+    elif config.prune_mlp is not None:
         model, pruned, pruning = prune_mlps(model, config, progress=progress)
         t["prune"] = time.perf_counter()
     analysis = analyze(model, config, skip=frozenset(r.node for r in pruned))
     t["analyze"] = time.perf_counter()
-    if not analysis.candidates and not analysis.declines and not pruned:
+    if not analysis.candidates and not analysis.declines and not pruned and not (pairs and pairs.pairs):
         raise LrcError(f"{src}: no MatMul/Gemm/Conv/Gather node with a constant weight; nothing to compress")
     ctx = RewriteContext(analysis.graph, Namer(analysis.graph))
     fisher = _fisher(model, analysis.candidates, config, progress=progress)
@@ -446,16 +447,28 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     else:
         stats = None
         if config.calib:
-            stats, calib_info = _calibrate(model, analysis.candidates, config, progress=progress)
+            stats, calib_info = _calibrate(model, analysis.candidates, config, progress=progress,
+                                           extra=pairs.requests() if pairs else None)
             calib_info["mode"] = "one-shot"
+            if pairs:
+                pairs.stats.update({k: stats.pop(k)[0] for k in pairs.pairs})
             t["calibrate"] = time.perf_counter()
         p, planner, plan_info = _plan_ranks(model, analysis, config, stats, fisher, feeds_list, progress=progress,
-                                            curvature=curvature)
+                                            curvature=curvature, pairs=pairs)
+        if pairs and pairs.pairs:  # write the chosen widths, then the ranks onto the pruned model
+            pmodel, pruned, pruning["pairs"] = pairs.prune(model, planner.ranks, reason="--prune-mlp auto",
+                                                           progress=progress)
+            pruned = [r for r in pruned if r.decision == "pruned"]  # a whole pair's layers follow their ranks
+            analysis = analyze(pmodel, config, skip=pairs.pruned_labels(planner.ranks))
+            ctx = RewriteContext(analysis.graph, Namer(analysis.graph))
+            p = plan(analysis.candidates, config, stats=stats, fisher=fisher, ranks=planner.ranks,
+                     curvature=curvature, dense_reasons=planner.dense_reasons, cache=planner.cache)
+            planner.annotate(p.records + pruned, planner.ranks)
         t["factorize"] = time.perf_counter()
         if p.by_key:
             apply(ctx, analysis.candidates, p)
     records = pruned + p.records + decline_records(analysis.declines)
-    if not p.by_key and not pruned:
+    if not p.by_key and not any(r.decision == "pruned" for r in pruned):
         slow = any("not faster" in r.reason for r in records)
         raise LrcError(f"{src}: every candidate was declined ({_decline_summary(records)}); "
                        + ("pass --size-only to compress them anyway, or " if slow else "")
@@ -502,61 +515,8 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     return result
 
 
-def prune_mlps(model: onnx.ModelProto, config: CompileConfig, *, progress: bool = False
-               ) -> tuple[onnx.ModelProto, list[LayerRecord], dict]:
-    """``--prune-mlp``: keep that fraction of the hidden channels of every MLP pair and refit each
-    second layer on the calibration data (``passes.mlp`` finds and rewrites the pairs,
-    ``factorize.channels`` chooses). Returns the smaller model, one record per rewritten layer,
-    and the report section (per pair: channels kept, parameters, the refit's relative error)."""
-    from .calibrate import CalibSource, StatRequest, collect_stats, iter_calibration
-    from .factorize.channels import keep_count, prune_channels
-    from .passes import mlp
-
-    t0 = time.perf_counter()
-    graph = gs.import_onnx(model)
-    nodes = [n for n in graph.nodes if n.domain in (None, "", "ai.onnx")]
-    pairs, reasons = mlp.find_pairs(graph, ConstantResolver(graph), nodes)
-    pairs = [pr for pr in pairs if all(_selected(node_label(n), n.op, config) for n in (pr.up.node, pr.down.node))]
-    info = {"keep": config.prune_mlp, "pairs": [], "not_pairs": reasons}
-    if not pairs:
-        log.warning("--prune-mlp: no MLP pair (Linear -> channel-wise activation -> Linear with constant weights) "
-                    "in this model; nothing pruned")
-        return model, [], {**info, "seconds": round(time.perf_counter() - t0, 3)}
-    requests = {pr.hidden: StatRequest(pr.hidden, pr.width) for pr in pairs}
-    src = CalibSource(config.calib, config.calib_samples, config.calib_batch)
-    stats, calib = collect_stats(model, requests, iter_calibration(src, model), mask_input=_mask_input(model, config),
-                                 progress=progress, total=config.calib_samples)
-    ctx = RewriteContext(graph, Namer(graph))
-    records = []
-    for pr in tqdm(pairs, desc="prune MLPs", unit="pair", disable=None if progress else True, leave=False):
-        st = stats[pr.hidden][0]
-        if st.count == 0:
-            raise LrcError(f"--prune-mlp: no calibration row reached {pr.label} (every row masked out?); "
-                           f"check --calib and --mask-input")
-        k = keep_count(pr.width, config.prune_mlp, config.multiple)
-        t1 = time.perf_counter()
-        cp = prune_channels(st.gram, st.in_sum, st.count, pr.down.weight, pr.down.bias, k)
-        mlp.rewrite(pr, cp.keep, cp.weight, cp.bias, ctx)
-        secs = round(time.perf_counter() - t1, 3)
-        up, down = pr.up, pr.down
-        reason = f"MLP hidden channels {k}/{pr.width} kept (--prune-mlp {config.prune_mlp:g})"
-        for lin, err in ((up, None), (down, cp.rel_error)):
-            kin, kout = lin.weight.shape
-            after = kin * k if lin is up else k * kout
-            records.append(LayerRecord(node=node_label(lin.node), op=lin.node.op, shape=[kin, kout], decision="pruned",
-                                       reason=reason + ("" if lin is up else ", refitted"), weight=lin.node.inputs[1].name,
-                                       params_before=kin * kout, params_after=after, rel_error=err, method="prune",
-                                       seconds=secs if lin is down else None))
-        info["pairs"].append({"up": node_label(up.node), "down": node_label(down.node), "channels": pr.width,
-                              "kept": k, "params_before": pr.params(), "params_after": pr.params(k),
-                              "rel_error": cp.rel_error, "chain": [n.op for n in pr.chain]})
-    info.update(samples=calib.get("samples"), mask_kept_rows=calib.get("mask_kept_rows"),
-                seconds=round(time.perf_counter() - t0, 3))
-    return export(graph, model), records, info
-
-
 def _plan_ranks(model: onnx.ModelProto, analysis: Analysis, config: CompileConfig, stats, fisher, feeds_list,
-                *, progress: bool, curvature=None):
+                *, progress: bool, curvature=None, pairs=None):
     """The plan under the config's rank policy or global budget, with latency limits when asked.
 
     Returns ``(plan, planner or None, plan section of the report or None)``."""
@@ -572,7 +532,7 @@ def _plan_ranks(model: onnx.ModelProto, analysis: Analysis, config: CompileConfi
         info = {"budget": None, "latency": pl.latency_declines(p, model, cands, timing, config, progress=progress)}
         return p, None, info
     planner = pl.Planner(model, cands, config, stats=stats, fisher=fisher, curvature=curvature,
-                         feed=feeds_list[0] if feeds_list else None, progress=progress)
+                         feed=feeds_list[0] if feeds_list else None, progress=progress, pairs=pairs)
     if timing is not None:
         planner.limit_latency(timing)
     ranks = planner.run()
@@ -619,12 +579,15 @@ def _build_target(config: CompileConfig, src: Path, model_path: Path, dest_dir: 
 
 
 def _calibrate(model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *, progress: bool,
-               reference: onnx.ModelProto | None = None) -> tuple[dict[str, list[LayerStats]], dict]:
+               reference: onnx.ModelProto | None = None, extra: dict | None = None
+               ) -> tuple[dict[str, list[LayerStats]], dict]:
     """Activation statistics of the candidates' inputs on the calibration data; with ``reference``
-    (the original of a partly compressed ``model``) also the cross statistics of target correction."""
+    (the original of a partly compressed ``model``) also the cross statistics of target correction;
+    ``extra``: more requests by key (MLP pairs' hidden activations), collected in the same pass."""
     from .calibrate import CalibSource, collect_stats, iter_calibration
 
     requests = dict(r for r in map(stat_request, cands) if r is not None)
+    requests.update(extra or {})
     if not requests:
         return {}, {"samples": 0, "layers": 0}
     mask = _mask_input(model, config)
@@ -744,7 +707,7 @@ def build_report(res: CompileResult, *, notes: list[str], folded: list[str]) -> 
         "output": str(out) if out else None,
         "output_sha256": sha256(out) if out else None,
         "config": res.config.to_dict(),
-        "pipeline": ((f"prune-mlp{{keep={res.config.prune_mlp:g}}}," if res.config.prune_mlp is not None else "")
+        "pipeline": ((f"prune-mlp{{keep={_g(res.config.prune_mlp)}}}," if res.config.prune_mlp is not None else "")
                      + "analyze," + ("calibrate," if res.config.calib else "")
                      + f"{res.config.resolved_method}{{{res.config.describe_ranks()},multiple={res.config.multiple}}},"
                     "rewrite,cleanup,check" + (",verify" if res.config.verify else "") + f",target={res.config.target}"),
@@ -757,3 +720,8 @@ def build_report(res: CompileResult, *, notes: list[str], folded: list[str]) -> 
         "timings_s": res.timings,
         "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
     }
+
+
+def _g(v) -> str:
+    """A number in ``%g`` form, a word as it is."""
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)

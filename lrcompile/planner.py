@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -36,7 +36,7 @@ from .errors import LrcError
 from .factorize import LayerStats, RankPolicy, break_even_rank
 from .factorize.allocate import (Allocation, LayerOptions, allocate, allocate_threshold, min_cost, rank_grid,
                                  tail_curve)
-from .ir import Candidate
+from .ir import Candidate, node_label
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,17 @@ class Layer:
     probes: list[dict] = field(default_factory=list)
     fast_rank: int | None = None  # largest rank faster than dense on the target (None: not timed)
     latency: list[dict] = field(default_factory=list)
+    pair: object | None = None  # an MLP pair (``passes.mlp.MlpPair``): the grid holds hidden widths
 
     @property
     def label(self) -> str:
-        return self.cands[0].label
+        return self.pair.label if self.pair is not None else self.cands[0].label
+
+    def probe_scale(self) -> float:
+        """What the budget's fraction multiplies to give a probe: the break-even rank, or the width."""
+        if self.pair is not None:
+            return float(self.pair.width)
+        return break_even_rank(*self.cands[0].matrices[0].shape)
 
     def loss(self) -> np.ndarray:
         return self.sensitivity * self.err2
@@ -122,6 +129,23 @@ def build_layers(cands: list[Candidate], config: CompileConfig, stats, fisher, *
     return layers
 
 
+def pair_layers(pairs, config: CompileConfig, *, progress: bool) -> list[Layer]:
+    """One planner entry per MLP pair (``lrcompile.pruning``): its choices are the hidden widths
+    below the full one (multiples of ``--multiple``), its error curve the channel refit's."""
+    layers = []
+    for key, pr in tqdm(pairs.pairs.items(), desc="pruning curves", unit="pair",
+                        disable=None if progress else True, leave=False):
+        m = max(1, config.multiple)
+        grid = np.arange(m, pr.width, m, dtype=np.int64)
+        err2 = pairs.curve(key, grid) if len(grid) else np.zeros(0)
+        k, n = pr.up.weight.shape[0], pr.down.weight.shape[1]
+        layers.append(Layer(key=key, cands=[], method="prune", stats=[pairs.stats.get(key)], note="",
+                            spectra=[], totals=[], grid=grid,
+                            params=grid * float(k + n), dense_params=pr.params(), err2=err2, has_bias=False,
+                            pair=pr))
+    return layers
+
+
 def count_rows(model: onnx.ModelProto, cands: list[Candidate], feed: dict[str, np.ndarray]) -> dict[str, float]:
     """Rows each candidate processes per inference at the feed's shapes (FLOPs = 2 x rows x params)."""
     from .flops import count_flops, fix_input_shapes, infer_shapes
@@ -147,14 +171,20 @@ class Planner:
 
     def __init__(self, model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *, stats=None,
                  fisher=None, feed: dict[str, np.ndarray] | None = None, progress: bool = False,
-                 curvature=None) -> None:
+                 curvature=None, pairs=None) -> None:
         self.model, self.config, self.stats, self.fisher = model, config, stats, fisher
+        self.pairs = pairs if pairs is not None and pairs.pairs else None
+        self.ranks: dict[str, int] = {}
+        self._groups: dict[str, list[tuple[int, dict[str, int]]]] = {}  # pair key -> its choices, decoded
         self.curvature = curvature
         self.progress = progress
         self.cache: dict = {}  # (weight key, rank) -> factorizations, shared by every plan built
         self.info: dict = {"budget": config.budget, "allocation": config.resolved_allocation}
         t0 = time.perf_counter()
         self.layers = build_layers(cands, config, stats, fisher, progress=progress, curvature=curvature)
+        if self.pairs is not None:
+            self.layers += pair_layers(self.pairs, config, progress=progress)
+            self.info["mlp_pairs"] = len(self.pairs.pairs)
         self.info["spectra_seconds"] = round(time.perf_counter() - t0, 3)
         if config.flops is not None and feed is None:
             raise AssertionError("a FLOPs budget needs the verification feed's shapes")
@@ -174,10 +204,15 @@ class Planner:
     # ------------------------------------------------------------------ building and measuring models
 
     def plan(self, ranks: dict[str, int]):
-        """A ``pipeline.Plan`` for these ranks, on a fresh import of the model (candidates bound to it)."""
+        """A ``pipeline.Plan`` for these ranks (MLP pair widths included), on a fresh import of the
+        model with those pairs pruned (candidates bound to it)."""
         from .pipeline import analyze, plan
 
-        analysis = analyze(self.model, self.config)
+        model, skip = self.model, frozenset()
+        if self.pairs is not None:
+            model, _, _ = self.pairs.prune(model, ranks, reason="planner")
+            skip = self.pairs.pruned_labels(ranks)
+        analysis = analyze(model, self.config, skip=skip)
         return analysis, plan(analysis.candidates, self.config, stats=self.stats, fisher=self.fisher, ranks=ranks,
                               dense_reasons=self.dense_reasons, cache=self.cache, curvature=self.curvature)
 
@@ -221,16 +256,15 @@ class Planner:
         for layer in self.layers:
             if layer.fast_rank is not None and (not len(layer.grid) or layer.fast_rank < layer.grid[0]):
                 continue  # kept dense for latency: its sensitivity does not matter
-            k, n = layer.cands[0].matrices[0].shape
             for f in PROBE_FRACTIONS:
-                r = _grid_at_most(layer.grid, f * fraction * break_even_rank(k, n))
+                r = _grid_at_most(layer.grid, f * fraction * layer.probe_scale())
                 if r and all(p["rank"] != r for p in layer.probes):
                     layer.probes.append({"rank": r})
                     jobs.append((layer, layer.probes[-1]))
         t0 = time.perf_counter()
         for layer, probe in tqdm(jobs, desc="sensitivity", unit="model", disable=None if self.progress else True,
                                  leave=False):
-            ranks = {x.key: 0 for x in self.layers}
+            ranks = {x.key: 0 for x in self.layers}  # 0: dense (a pair: whole)
             ranks[layer.key] = probe["rank"]
             m = ev.measure(self.build(ranks))
             probe["err2"] = float(layer.err2[np.searchsorted(layer.grid, probe["rank"])])
@@ -285,20 +319,39 @@ class Planner:
                                 "seconds": round(time.perf_counter() - t0, 3), "cache": str(cache.path),
                                 "cache_hits": cache.hits, "cache_misses": cache.misses}
 
+    def _options(self, layer: Layer, cost: str) -> LayerOptions:
+        keep = np.ones(len(layer.grid), bool)
+        if layer.fast_rank is not None:
+            keep &= layer.grid <= layer.fast_rank
+        g = layer.grid[keep]
+        if cost == "flops":
+            dense, c = layer.flops(g)
+        else:
+            dense, c = float(layer.dense_params), layer.params[keep]
+        s = np.sort(np.concatenate(layer.spectra))[::-1] if layer.spectra else None  # none for a pair
+        return LayerOptions(layer.key, g, c, layer.loss()[keep], dense, spectrum=s)
+
     def options(self, cost: str) -> list[LayerOptions]:
+        """One entry per weight; an MLP pair and its two layers' weights make one entry whose
+        choices are exclusive: a pruned width, or low rank (or dense) for each of the two layers
+        (the Pareto front of their combinations). ``allocate`` decodes those choices."""
+        single = {layer.key: self._options(layer, cost) for layer in self.layers}
+        self._groups = {}
+        if self.pairs is None:
+            return list(single.values())
+        by_node = {c.label: layer for layer in self.layers if layer.pair is None for c in layer.cands}
+        grouped: set[str] = set()
         out = []
         for layer in self.layers:
-            keep = np.ones(len(layer.grid), bool)
-            if layer.fast_rank is not None:
-                keep &= layer.grid <= layer.fast_rank
-            g = layer.grid[keep]
-            if cost == "flops":
-                dense, c = layer.flops(g)
-            else:
-                dense, c = float(layer.dense_params), layer.params[keep]
-            s = np.concatenate(layer.spectra) if len(layer.spectra) > 1 else layer.spectra[0]
-            out.append(LayerOptions(layer.key, g, c, layer.loss()[keep], dense, spectrum=np.sort(s)[::-1]))
-        return out
+            if layer.pair is None:
+                continue
+            parts = [by_node.get(node_label(n)) for n in (layer.pair.up.node, layer.pair.down.node)]
+            parts = [x for x in parts if x is not None and x.key not in grouped and len(x.cands) == 1]
+            opt, choices = _pair_choices(single[layer.key], [single[x.key] for x in parts])
+            self._groups[layer.key] = choices
+            grouped.update([layer.key, *(x.key for x in parts)])
+            out.append(opt)
+        return out + [o for k, o in single.items() if k not in grouped]
 
     def allocate(self, fraction: float, cost: str = "params") -> Allocation:
         opts = self.options(cost)
@@ -307,7 +360,7 @@ class Planner:
         try:
             if self.config.resolved_allocation == "threshold":
                 return allocate_threshold(opts, budget)
-            return allocate(opts, budget)
+            return self._decoded(allocate(opts, budget))
         except ValueError:
             floor = min_cost(opts) / dense if dense else 1.0
             what = "parameters" if cost == "params" else "FLOPs"
@@ -330,8 +383,10 @@ class Planner:
             fraction = getattr(cfg, cfg.budget)
             alloc = self.allocate(fraction, cfg.budget)
             self.info.update(self._describe(alloc, cfg.budget, fraction))
-            return alloc.ranks
-        return self.search(cfg.max_drop)
+            self.ranks = alloc.ranks
+        else:
+            self.ranks = self.search(cfg.max_drop)
+        return self.ranks
 
     def search(self, eps: float) -> dict[str, int]:
         """Smallest parameter fraction whose measured drop is at most ``eps`` (bisection)."""
@@ -388,6 +443,18 @@ class Planner:
                 a = mid
         return min(max(b, lo), 1.0)
 
+    def _decoded(self, alloc: Allocation) -> Allocation:
+        """The allocation with each MLP pair's choice turned into its width and its layers' ranks."""
+        if not self._groups:
+            return alloc
+        ranks = dict(alloc.ranks)
+        for key, choices in self._groups.items():
+            i = ranks.pop(key, 0)
+            width, lowrank = choices[i - 1] if i else (0, {})
+            ranks[key] = width
+            ranks.update(lowrank)
+        return replace(alloc, ranks=ranks)
+
     def _describe(self, alloc: Allocation, kind: str, fraction: float) -> dict:
         return {"budget_kind": kind, "fraction": fraction, "limit": alloc.budget, "cost": alloc.cost,
                 "achieved_fraction": alloc.cost / alloc.budget * fraction if alloc.budget else None,
@@ -396,14 +463,18 @@ class Planner:
     def annotate(self, records, ranks: dict[str, int]) -> None:
         """Per-layer plan details on the pipeline's records (sensitivity, predicted loss, FLOPs, latency)."""
         by_key = {x.key: x for x in self.layers}
+        by_node = {node_label(n): x for x in self.layers if x.pair is not None
+                   for n in (x.pair.up.node, x.pair.down.node)}
         for rec in records:
-            layer = by_key.get(rec.weight)
+            layer = by_key.get(rec.weight) or by_node.get(rec.node)
             if layer is None:
                 continue
             r = ranks.get(layer.key, 0)
             i = int(np.searchsorted(layer.grid, r)) if r else None
             rec.sensitivity = layer.sensitivity if "sensitivity" in self.info else None
             rec.predicted_loss = float(layer.loss()[i]) if i is not None and i < len(layer.grid) else 0.0
+            if layer.pair is not None and rec.node != node_label(layer.pair.down.node):
+                rec.predicted_loss = 0.0  # a pair's loss is told once, on its second layer
             rec.probes = layer.probes
             if layer.rows and rec.node in layer.rows and layer.rows[rec.node] is not None:
                 rows = layer.rows[rec.node]
@@ -413,6 +484,40 @@ class Planner:
                 rec.flops_before = 0.0 if cand.details.get("lookup") else 2.0 * rows * kn
                 rec.flops_after = 2.0 * rows * r * ksum if r else rec.flops_before
             rec.latency = [t for t in layer.latency if t["node"] == rec.node] or None
+
+
+def _pair_choices(prune: LayerOptions, parts: list[LayerOptions]
+                  ) -> tuple[LayerOptions, list[tuple[int, dict[str, int]]]]:
+    """One MLP pair's exclusive choices: each pruned width (``prune``), or any ranks of its layers'
+    own options (``parts``, dense included), keeping only combinations no other beats on both cost
+    and loss. Returns the merged options (choice ids 1, 2, ...; 0 stays "all dense") and, per id,
+    ``(width, {layer key: rank})``."""
+    cands: list[tuple[float, float, int, dict[str, int]]] = [
+        (float(c), float(l), int(w), {}) for w, c, l in zip(prune.ranks, prune.cost, prune.loss)]
+    combos = [(0.0, 0.0, {})]
+    for part in parts:
+        ranks, cost, loss = part.choices()
+        combos = [(c0 + float(c), l0 + float(l), {**r0, part.key: int(r)})
+                  for c0, l0, r0 in combos for r, c, l in zip(ranks, cost, loss)]
+        combos = _pareto(combos)
+    dense = prune.dense_cost
+    offset = dense - sum(p.dense_cost for p in parts)  # a layer of the pair that is no candidate stays dense
+    cands += [(c + offset, l, 0, r) for c, l, r in combos if any(r.values())]
+    front = _pareto([(c, l, (w, r)) for c, l, w, r in cands])
+    front = [x for x in front if x[0] < dense]
+    opt = LayerOptions(prune.key, np.arange(1, len(front) + 1), np.array([c for c, _, _ in front], np.float64),
+                       np.array([l for _, l, _ in front], np.float64), dense)
+    return opt, [x[2] for x in front]
+
+
+def _pareto(items: list[tuple]) -> list[tuple]:
+    """Items ``(cost, loss, ...)`` no other item beats on both, by ascending cost."""
+    out, best = [], np.inf
+    for it in sorted(items, key=lambda t: (t[0], t[1])):
+        if it[1] < best:
+            out.append(it)
+            best = it[1]
+    return out
 
 
 def _grid_at_most(grid: np.ndarray, r: float) -> int:

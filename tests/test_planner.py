@@ -248,3 +248,24 @@ def test_sequential_under_a_budget_keeps_the_planned_ranks(mlp, tmp_path):
     with pytest.raises(LrcError, match="--max-drop"):
         lrcompile.compile(mlp, tmp_path / "x.onnx", sequential=True, max_drop=0.01, metric="cosine",
                           calib=str(tmp_path / "calib.npz"))
+
+
+def test_pair_choices_are_exclusive_and_on_the_pareto_front():
+    """An MLP pair's merged options: pruned widths or its layers' ranks, never both; no choice is
+    beaten on both cost and loss; every id decodes to a width or to ranks."""
+    from lrcompile.factorize.allocate import LayerOptions
+    from lrcompile.planner import _pair_choices
+
+    prune = LayerOptions("mlp:p", np.array([8, 16, 24]), np.array([40.0, 80.0, 120.0]), np.array([0.5, 0.2, 0.05]),
+                         160.0)
+    up = LayerOptions("W_up", np.array([2, 4]), np.array([30.0, 60.0]), np.array([0.3, 0.01]), 96.0)
+    down = LayerOptions("W_down", np.array([2]), np.array([26.0]), np.array([0.9]), 64.0)
+    opt, choices = _pair_choices(prune, [up, down])
+    assert opt.dense_cost == 160.0 and len(choices) == len(opt.ranks)
+    assert np.all(np.diff(opt.cost) > 0) and np.all(np.diff(opt.loss) < 0)  # the Pareto front, by cost
+    for (width, ranks), c in zip(choices, opt.cost):
+        assert (width == 0) == bool(ranks)  # exactly one kind of cut
+        assert c < 160.0
+    decoded = {c: (w, r) for (w, r), c in zip(choices, opt.cost)}
+    assert decoded[40.0] == (8, {})  # the cheapest cut is a width
+    assert decoded[60.0 + 64.0] == (0, {"W_up": 4, "W_down": 0})  # up at rank 4, down dense: loss 0.01

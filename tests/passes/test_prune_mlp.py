@@ -106,6 +106,10 @@ def test_pruning_is_deterministic(setup, tmp_path):
     ({"prune_mlp": 0.5}, "--prune-mlp chooses channels"),
     ({"prune_mlp": 1.5, "calib": "c.npz"}, "in \\(0, 1\\]"),
     ({"prune_mlp": 0.5, "calib": "c.npz", "max_drop": 0.01, "metric": "cosine"}, "--max-drop"),
+    ({"prune_mlp": "half", "calib": "c.npz"}, "or auto"),
+    ({"prune_mlp": "auto", "calib": "c.npz", "ratio": 0.5}, "give --params or --max-drop"),
+    ({"prune_mlp": "auto", "calib": "c.npz", "params": 0.5, "sequential": True}, "--sequential"),
+    ({"prune_mlp": "auto", "calib": "c.npz", "params": 0.5, "allocation": "threshold"}, "threshold"),
 ])
 def test_bad_options_are_one_line_errors(setup, tmp_path, kw, msg):
     src, _, _ = setup
@@ -143,3 +147,74 @@ def test_a_chain_that_mixes_in_another_activation_is_not_a_pair(tmp_path):
     pairs, reasons = mlp.find_pairs(g, ConstantResolver(g), list(g.nodes))
     assert not pairs
     assert "mixes in a tensor that is not a scalar constant" in reasons["cross/fc"]
+
+
+def test_auto_spends_one_budget_on_widths_and_ranks(setup, tmp_path):
+    """--prune-mlp auto: the planner's allocation chooses each pair's width alongside the other layers'
+    ranks, under one --params budget over all of them; the output keeps the budget, verifies, records
+    every pair's layers, and is byte-identical across runs."""
+    src, calib, feeds = setup
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"auto{i}.onnx"
+        res = lrcompile.compile(src, out, calib=str(calib), prune_mlp="auto", params=0.6, multiple=1, min_params=0,
+                                metric="rel-l2")
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    assert res.status == "PASSED"
+    by_node = {r.node: r for r in res.layers}
+    # both pairs were planned as pairs (pruned or kept whole), never as low-rank layers
+    for node in ("ffn/up", "ffn/down", "tower/fc1", "tower/fc2"):
+        assert by_node[node].decision in ("pruned", "declined") and by_node[node].rank is None
+    assert res.report["plan"]["mlp_pairs"] == 2 and res.report["mlp_pruning"]["keep"] == "auto"
+    kept = {p["up"]: p["kept"] for p in res.report["mlp_pruning"]["pairs"]}
+    assert kept and all(0 < k < {"ffn/up": 32, "tower/fc1": 24}[u] for u, k in kept.items())
+    # one budget over every planned weight: pairs and low-rank candidates together
+    assert 0.4 < res.report["totals"]["params_ratio"] <= 0.6 + 1e-9
+    # the written model holds the chosen widths
+    shapes = {k: v.shape for k, v in _inits(tmp_path / "auto0.onnx").items()}
+    assert shapes[by_node["ffn/up"].weight] == (16, kept["ffn/up"]) if "ffn/up" in kept else True
+    assert shapes[by_node["tower/fc2"].weight] == (kept["tower/fc1"], 6) if "tower/fc1" in kept else True
+
+
+def test_auto_keeps_a_pair_whole_when_its_channels_cost_more(setup, tmp_path):
+    """A pair whose pruning the metric punishes is left whole (declined, with the allocation's reason)
+    while the budget goes elsewhere; the metric reads only the FFN's output here."""
+    src, calib, _ = setup
+    res = lrcompile.compile(src, tmp_path / "w.onnx", calib=str(calib), prune_mlp="auto", params=0.9, multiple=1,
+                            min_params=0, metric="rel-l2", metric_output="y")
+    by_node = {r.node: r for r in res.layers}
+    assert by_node["ffn/up"].decision == "declined" and "rank allocation" in by_node["ffn/up"].reason
+    assert by_node["tower/fc1"].decision == "pruned"
+
+
+def test_auto_under_max_drop_searches_widths_with_ranks(setup, tmp_path):
+    src, calib, _ = setup
+    res = lrcompile.compile(src, tmp_path / "md.onnx", calib=str(calib), prune_mlp="auto", max_drop=0.01,
+                            metric="cosine", multiple=1, min_params=0)
+    measured = res.report["plan"]["measured"]
+    assert measured["passed"] and measured["drop"] <= 0.01
+    assert any(r.decision == "pruned" for r in res.layers) and res.report["totals"]["params_ratio"] < 0.9
+
+
+def test_auto_factorizes_a_pair_when_low_rank_is_the_cheaper_cut(tmp_path):
+    """An FFN whose up weight is exactly rank 2: low rank of that layer is free, pruning its hidden
+    channels is not, so the allocation takes the low-rank choice of the pair (exclusive choices)."""
+    rng = np.random.default_rng(5)
+    w1 = (rng.standard_normal((16, 2)) @ rng.standard_normal((2, 32)) / 4).astype(np.float32)
+    inits = [("W1", w1), ("b1", rng.standard_normal(32).astype(np.float32)),
+             ("W2", (rng.standard_normal((32, 8)) / 6).astype(np.float32))]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["u"], name="ffn/up"),
+             helper.make_node("Add", ["u", "b1"], ["ub"], name="ffn/bias"),
+             helper.make_node("Relu", ["ub"], ["h"], name="ffn/relu"),
+             helper.make_node("MatMul", ["h", "W2"], ["y"], name="ffn/down")]
+    src = save(make_model(nodes, [vi("x", ["batch", 16])], [vi("y", ["batch", 8])], inits), tmp_path / "lr.onnx")
+    x = rng.standard_normal((ROWS, 16)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    res = lrcompile.compile(src, tmp_path / "o.onnx", calib=str(tmp_path / "calib.npz"), prune_mlp="auto",
+                            params=0.5, multiple=1, min_params=0, metric="rel-l2")
+    by_node = {r.node: r for r in res.layers}
+    assert by_node["ffn/up"].decision == "factorized" and by_node["ffn/up"].rank <= 4
+    assert not res.report["mlp_pruning"]["pairs"]
+    a, b = run(src, {"x": x[:64]}), run(tmp_path / "o.onnx", {"x": x[:64]})
+    assert np.linalg.norm(b["y"] - a["y"]) / np.linalg.norm(a["y"]) < 1e-3
