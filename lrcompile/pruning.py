@@ -157,7 +157,8 @@ class MlpPairs:
                                            decision="pruned", reason=f"MLP hidden channels {k}/{pr.width} kept ({reason})"
                                            + ("" if lin is pr.up else ", refitted"), weight=new.node.inputs[1].name,
                                            params_before=kin * kout, params_after=after, rel_error=err, method="prune",
-                                           seconds=secs if lin is pr.down else None))
+                                           seconds=secs if lin is pr.down else None,
+                                           info={"kept": k, "channels": pr.width}))
             rows.append({"up": node_label(pr.up.node), "down": node_label(pr.down.node), "channels": pr.width,
                          "kept": k, "params_before": pr.params(), "params_after": pr.params(k),
                          "rel_error": cp.rel_error, "chain": [n.op for n in pr.chain]})

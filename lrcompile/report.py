@@ -118,16 +118,19 @@ def plan_summary(plan: dict, layers: list[LayerRecord]) -> str:
     for r in layers:
         if r.predicted_loss is None and not r.latency:
             continue
-        kept = (r.params_after / r.params_before) if r.decision == "factorized" and r.params_before else 1.0
+        cut = r.decision in ("factorized", "pruned")
+        kept = (r.params_after / r.params_before) if cut and r.params_before else 1.0
+        choice = r.rank if r.decision == "factorized" else (
+            f"width {r.info.get('kept')}/{r.info.get('channels')}" if r.decision == "pruned" else "dense")
         lat = "; ".join(f"b{t['batch']}: {t['dense_ms']:.3f}->{_latency_at(t, r.rank):.3f}"
                         if r.decision == "factorized" and _latency_at(t, r.rank) is not None
                         else f"b{t['batch']}: {t['dense_ms']:.3f} dense" for t in (r.latency or []))
-        rows.append([r.node, r.rank if r.decision == "factorized" else "dense", f"{kept:.2f}",
+        rows.append([r.node, choice, f"{kept:.2f}",
                      f"{r.sensitivity:.3g}" if r.sensitivity is not None else "-",
                      f"{r.predicted_loss:.3g}" if r.predicted_loss is not None else "-",
                      f"{r.flops_after / r.flops_before:.2f}" if r.flops_before else "-", lat or "-"])
     if rows:
-        lines.append(tabulate(rows, headers=["node", "rank", "params kept", "sensitivity", "predicted",
+        lines.append(tabulate(rows, headers=["node", "rank / width", "params kept", "sensitivity", "predicted",
                                              "FLOPs kept", "latency ms (dense->factorized)"], tablefmt="simple"))
     if plan.get("budget"):
         kind = plan.get("budget_kind", plan["budget"])
