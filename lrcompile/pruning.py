@@ -129,9 +129,11 @@ class MlpPairs:
         todo = {k: w for k, w in widths.items() if k in self.pairs and 0 < w < self.pairs[k].width}  # 0: whole
         records: list[LayerRecord] = []
         rows: list[dict] = []
-        graph, pairs, _ = _find(model, CompileConfig())
-        fresh = {PAIR_KEY + pr.label: pr for pr in pairs}
-        ctx = RewriteContext(graph, Namer(graph))
+        graph = fresh = ctx = None
+        if todo:  # a fresh import to rewrite (sensitivity probes of other layers need none)
+            graph, found, _ = _find(model, CompileConfig())
+            fresh = {PAIR_KEY + pr.label: pr for pr in found}
+            ctx = RewriteContext(graph, Namer(graph))
         for key in tqdm(list(self.pairs), desc="prune MLPs", unit="pair", disable=None if progress else True,
                         leave=False):
             pr = self.pairs[key]
@@ -144,12 +146,13 @@ class MlpPairs:
                                                reason="MLP pair kept whole by the allocation",
                                                params_before=kin * kout, params_after=kin * kout))
                 continue
-            if key not in fresh:
-                raise AssertionError(f"MLP pair {pr.label} is not in the model being pruned")
             cp, secs = self.refit(key, k)
+            written = pr  # a pair kept whole still reads its own constants
             if k < pr.width:
-                mlp.rewrite(fresh[key], cp.keep, cp.weight, cp.bias, ctx)
-            written = fresh[key]  # its nodes now read the new constants
+                if key not in fresh:
+                    raise AssertionError(f"MLP pair {pr.label} is not in the model being pruned")
+                written = fresh[key]
+                mlp.rewrite(written, cp.keep, cp.weight, cp.bias, ctx)  # its nodes now read the new constants
             for lin, new, err in ((pr.up, written.up, None), (pr.down, written.down, cp.rel_error)):
                 kin, kout = lin.weight.shape
                 after = kin * k if lin is pr.up else k * kout
