@@ -147,7 +147,7 @@ def main() -> None:
               "and fit it to the original's outputs (slower, more accurate).")
 @click.option("--prune-mlp", help="Keep this fraction of each MLP's hidden channels (Linear -> activation "
               "-> Linear: transformer FFNs, CTR towers), second layer refitted on --calib; the other layers "
-              "follow the rank policy or budget. 'auto': the --params/--max-drop planner chooses each MLP's "
+              "follow the rank policy or budget. 'auto': the --params/--flops/--max-drop planner chooses each MLP's "
               "width with the other layers' ranks, under the one budget.")
 @click.option("--fisher", help="fwsvd: Fisher .npz (weight name -> squared-gradient sums), or 'collect' (torch).")
 @click.option("--labels", help="Labels .npy of the --calib rows, for --fisher collect and the auc/logloss metrics (default: __labels__ in the --calib .npz).")

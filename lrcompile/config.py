@@ -61,7 +61,7 @@ class CompileConfig:
             planner's sensitivities and ``--sequential``'s targets are then measured against the
             pruned model; verification is always against the original). ``"auto"``: the global
             budget's planner chooses each pair's width alongside the other layers' ranks (needs
-            ``params`` or ``max_drop``; see ``lrcompile.pruning``).
+            ``params``, ``flops`` or ``max_drop``; see ``lrcompile.pruning``).
         fisher: Fisher information for ``fwsvd``: an .npz of weight name -> summed squared
             gradients (stored layout), or ``"collect"`` to compute it from the calibration data
             and labels with torch (``lrcompile[fisher]``).
@@ -237,9 +237,9 @@ class CompileConfig:
                 raise LrcError("--prune-mlp chooses channels and refits the second layer on calibration data: "
                                "pass --calib")
             if self.prune_mlp == "auto":
-                if self.params is None and self.max_drop is None:
+                if self.budget is None:
                     raise LrcError("--prune-mlp auto lets the budget's planner choose each MLP's width: give "
-                                   "--params or --max-drop (or a fraction, e.g. --prune-mlp 0.5)")
+                                   "--params, --flops or --max-drop (or a fraction, e.g. --prune-mlp 0.5)")
                 if self.sequential:
                     raise LrcError("--prune-mlp auto does not combine with --sequential yet; give a fraction "
                                    "(e.g. --prune-mlp 0.7) or drop --sequential")

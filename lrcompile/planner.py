@@ -85,7 +85,14 @@ class Layer:
         return self.sensitivity * self.err2
 
     def flops(self, ranks: np.ndarray) -> tuple[float, np.ndarray]:
-        """Dense FLOPs and FLOPs at each rank, summed over the nodes sharing the weight."""
+        """Dense FLOPs and FLOPs at each rank (a pair: each hidden width), summed over the nodes
+        sharing the weight."""
+        if self.pair is not None:
+            rows = next(iter(self.rows.values()), None)
+            if rows is None:
+                raise LrcError(f"cannot count the FLOPs of {self.label} at the verification shapes; use --params")
+            per = 2.0 * rows * (self.pair.up.weight.shape[0] + self.pair.down.weight.shape[1])
+            return per * self.pair.width, per * np.asarray(ranks, np.float64)
         dense, fact = 0.0, np.zeros(len(ranks))
         for c in self.cands:
             rows = self.rows.get(c.label)
@@ -196,7 +203,8 @@ class Planner:
                     raise
                 rows = {}
             for layer in self.layers:
-                layer.rows = {c.label: rows.get(c.label) for c in layer.cands}
+                labels = [node_label(layer.pair.up.node)] if layer.pair is not None else [c.label for c in layer.cands]
+                layer.rows = {label: rows.get(label) for label in labels}
         self.dense_reasons: dict[str, str] = {}
         self._sens_eval = None
         self._search_eval = None
@@ -476,7 +484,12 @@ class Planner:
             if layer.pair is not None and rec.node != node_label(layer.pair.down.node):
                 rec.predicted_loss = 0.0  # a pair's loss is told once, on its second layer
             rec.probes = layer.probes
-            if layer.rows and rec.node in layer.rows and layer.rows[rec.node] is not None:
+            if layer.pair is not None:  # both layers of a pair run on the up layer's rows
+                rows = next(iter(layer.rows.values()), None)
+                if rows is not None and rec.params_before:
+                    rec.flops_before = 2.0 * rows * rec.params_before
+                    rec.flops_after = 2.0 * rows * (rec.params_after or rec.params_before)
+            elif layer.rows and rec.node in layer.rows and layer.rows[rec.node] is not None:
                 rows = layer.rows[rec.node]
                 cand = next(c for c in layer.cands if c.label == rec.node)
                 kn = sum(m.shape[0] * m.shape[1] for m in cand.matrices)

@@ -107,7 +107,7 @@ def test_pruning_is_deterministic(setup, tmp_path):
     ({"prune_mlp": 1.5, "calib": "c.npz"}, "in \\(0, 1\\]"),
     ({"prune_mlp": 0.5, "calib": "c.npz", "max_drop": 0.01, "metric": "cosine"}, "--max-drop"),
     ({"prune_mlp": "half", "calib": "c.npz"}, "or auto"),
-    ({"prune_mlp": "auto", "calib": "c.npz", "ratio": 0.5}, "give --params or --max-drop"),
+    ({"prune_mlp": "auto", "calib": "c.npz", "ratio": 0.5}, "give --params, --flops or --max-drop"),
     ({"prune_mlp": "auto", "calib": "c.npz", "params": 0.5, "sequential": True}, "--sequential"),
     ({"prune_mlp": "auto", "calib": "c.npz", "params": 0.5, "allocation": "threshold"}, "threshold"),
 ])
@@ -218,3 +218,13 @@ def test_auto_factorizes_a_pair_when_low_rank_is_the_cheaper_cut(tmp_path):
     assert not res.report["mlp_pruning"]["pairs"]
     a, b = run(src, {"x": x[:64]}), run(tmp_path / "o.onnx", {"x": x[:64]})
     assert np.linalg.norm(b["y"] - a["y"]) / np.linalg.norm(a["y"]) < 1e-3
+
+
+def test_auto_under_a_flops_budget_counts_pruned_widths(setup, tmp_path):
+    """--flops with auto: a pruned pair's FLOPs are 2 x rows x width x (in + out), the budget holds."""
+    src, calib, _ = setup
+    res = lrcompile.compile(src, tmp_path / "fl.onnx", calib=str(calib), prune_mlp="auto", flops=0.5, multiple=1,
+                            min_params=0, metric="rel-l2")
+    plan = res.report["plan"]
+    assert plan["budget_kind"] == "flops" and plan["cost"] <= plan["limit"] + 1e-6
+    assert any(r.decision == "pruned" for r in res.layers) and res.status == "PASSED"
