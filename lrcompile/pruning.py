@@ -10,7 +10,7 @@ module joins them to the calibration data and the compile:
   each other: a pruned hidden width, or low rank (or dense) for each of its two layers. The
   pruning error curve is the refit's along one elimination path (``channels.prune_curve``), its
   sensitivity is measured like a low-rank layer's, and the knapsack spends the one ``--params`` /
-  ``--max-drop`` budget where it costs least: channels in some MLPs, ranks in their layers or in
+  ``--max-drop`` (or ``--flops``) budget where it costs least: channels in some MLPs, ranks in their layers or in
   others (``lrcompile.planner``).
 
 Data flows one way: pairs are found once on the original model (:meth:`MlpPairs.find`), their
