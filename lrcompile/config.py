@@ -240,9 +240,6 @@ class CompileConfig:
                 if self.budget is None:
                     raise LrcError("--prune-mlp auto lets the budget's planner choose each MLP's width: give "
                                    "--params, --flops or --max-drop (or a fraction, e.g. --prune-mlp 0.5)")
-                if self.sequential:
-                    raise LrcError("--prune-mlp auto does not combine with --sequential yet; give a fraction "
-                                   "(e.g. --prune-mlp 0.7) or drop --sequential")
                 if self.allocation == "threshold":
                     raise LrcError("--prune-mlp auto needs measured or error-curve allocation; drop "
                                    "--allocation threshold")

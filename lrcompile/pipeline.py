@@ -418,11 +418,21 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
         if config.budget is not None or config.resolved_latency_aware:
             # the ranks come from one-shot statistics (the planner's error curves and sensitivities);
             # the factors are then fitted stage by stage on the partly compressed model
-            stats0, _ = _calibrate(model, analysis.candidates, config, progress=progress)
+            stats0, _ = _calibrate(model, analysis.candidates, config, progress=progress,
+                                   extra=pairs.requests() if pairs else None)
+            if pairs:
+                pairs.stats.update({k: stats0.pop(k)[0] for k in pairs.pairs})
             p0, planner, plan_info = _plan_ranks(model, analysis, config, stats0, fisher, feeds_list,
-                                                 progress=progress, curvature=curvature)
+                                                 progress=progress, curvature=curvature, pairs=pairs)
             ranks = {r.weight: (r.rank if r.decision == "factorized" else 0) for r in p0.records}
             reasons = dict(p0.declined_keys)
+            if pairs and pairs.pairs:  # prune the chosen widths first: the stages then fit the rest on it
+                model, pruned, pruning["pairs"] = pairs.prune(model, planner.ranks, reason="--prune-mlp auto",
+                                                              progress=progress)
+                pruned = [r for r in pruned if r.decision == "pruned"]
+                planner.annotate(pruned, planner.ranks)
+                analysis = analyze(model, config, skip=pairs.pruned_labels(planner.ranks))
+                ctx = RewriteContext(analysis.graph, Namer(analysis.graph))
         p, calib_info = Plan(), {"mode": "sequential", "stages": []}
         for stage in tqdm(stages(analysis.graph, analysis.candidates), desc="sequential calibration",
                           unit="stage", disable=None if progress else True, leave=False):

@@ -108,7 +108,6 @@ def test_pruning_is_deterministic(setup, tmp_path):
     ({"prune_mlp": 0.5, "calib": "c.npz", "max_drop": 0.01, "metric": "cosine"}, "--max-drop"),
     ({"prune_mlp": "half", "calib": "c.npz"}, "or auto"),
     ({"prune_mlp": "auto", "calib": "c.npz", "ratio": 0.5}, "give --params, --flops or --max-drop"),
-    ({"prune_mlp": "auto", "calib": "c.npz", "params": 0.5, "sequential": True}, "--sequential"),
     ({"prune_mlp": "auto", "calib": "c.npz", "params": 0.5, "allocation": "threshold"}, "threshold"),
 ])
 def test_bad_options_are_one_line_errors(setup, tmp_path, kw, msg):
@@ -228,3 +227,12 @@ def test_auto_under_a_flops_budget_counts_pruned_widths(setup, tmp_path):
     plan = res.report["plan"]
     assert plan["budget_kind"] == "flops" and plan["cost"] <= plan["limit"] + 1e-6
     assert any(r.decision == "pruned" for r in res.layers) and res.status == "PASSED"
+
+
+def test_auto_with_sequential_prunes_first_then_fits_the_rest_stage_by_stage(setup, tmp_path):
+    src, calib, feeds = setup
+    res = lrcompile.compile(src, tmp_path / "sq.onnx", calib=str(calib), prune_mlp="auto", params=0.5, multiple=1,
+                            min_params=0, metric="rel-l2", sequential=True)
+    assert res.report["calibration"]["mode"] == "sequential" and res.status == "PASSED"
+    assert any(r.decision == "pruned" for r in res.layers)
+    assert 0.4 < res.report["totals"]["params_ratio"] <= 0.5 + 1e-9
