@@ -2,8 +2,6 @@
 computation, mask handling, conv receptive fields, and one-line errors for bad files."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx
 import onnxruntime as ort

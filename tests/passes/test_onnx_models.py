@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lrcompile
-from helpers import assert_lossless, compile_full, make_model, op_types, run, save, trained_like, vi
+from helpers import assert_lossless, compile_full, make_model, op_types, save, trained_like, vi
 
 RNG = np.random.default_rng(1)
 
