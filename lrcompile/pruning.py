@@ -9,9 +9,9 @@ module joins them to the calibration data and the compile:
 - ``--prune-mlp auto``: each pair is one entry of the budget's allocation whose choices exclude
   each other: a pruned hidden width, or low rank (or dense) for each of its two layers. The
   pruning error curve is the refit's along one elimination path (``channels.prune_curve``), its
-  sensitivity is measured like a low-rank layer's, and the knapsack spends the one ``--params`` /
-  ``--max-drop`` (or ``--flops``) budget where it costs least: channels in some MLPs, ranks in their layers or in
-  others (``lrcompile.planner``).
+  sensitivity is measured like a low-rank layer's, and the knapsack spends the one ``--params``,
+  ``--flops`` or ``--max-drop`` budget where it costs least: channels in some MLPs, ranks in
+  their layers or in others (``lrcompile.planner``).
 
 Data flows one way: pairs are found once on the original model (:meth:`MlpPairs.find`), their
 statistics collected with the other layers', and :meth:`MlpPairs.prune` writes any choice of
@@ -37,7 +37,7 @@ from .report import LayerRecord
 
 log = logging.getLogger(__name__)
 
-#: Planner keys of MLP pairs start with this (weight keys are tensor names, which never do).
+#: Planner keys of MLP pairs start with this (low-rank entries are keyed by weight tensor names).
 PAIR_KEY = "mlp:"
 
 
