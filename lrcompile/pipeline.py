@@ -418,20 +418,14 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
         if config.budget is not None or config.resolved_latency_aware:
             # the ranks come from one-shot statistics (the planner's error curves and sensitivities);
             # the factors are then fitted stage by stage on the partly compressed model
-            stats0, _ = _calibrate(model, analysis.candidates, config, progress=progress,
-                                   extra=pairs.requests() if pairs else None)
-            if pairs:
-                pairs.stats.update({k: stats0.pop(k)[0] for k in pairs.pairs})
+            stats0, _ = _calibrate(model, analysis.candidates, config, progress=progress, pairs=pairs)
             p0, planner, plan_info = _plan_ranks(model, analysis, config, stats0, fisher, feeds_list,
                                                  progress=progress, curvature=curvature, pairs=pairs)
             ranks = {r.weight: (r.rank if r.decision == "factorized" else 0) for r in p0.records}
             reasons = dict(p0.declined_keys)
             if pairs and pairs.pairs:  # prune the chosen widths first: the stages then fit the rest on it
-                model, pruned, pruning["pairs"] = pairs.prune(model, planner.ranks, reason="--prune-mlp auto",
-                                                              progress=progress)
-                pruned = [r for r in pruned if r.decision == "pruned"]
-                planner.annotate(pruned, planner.ranks)
-                analysis = analyze(model, config, skip=pairs.pruned_labels(planner.ranks))
+                model, pruned, pruning["pairs"], analysis = _prune_chosen(pairs, model, planner, config,
+                                                                          progress=progress)
                 ctx = RewriteContext(analysis.graph, Namer(analysis.graph))
         p, calib_info = Plan(), {"mode": "sequential", "stages": []}
         for stage in tqdm(stages(analysis.graph, analysis.candidates), desc="sequential calibration",
@@ -457,23 +451,17 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     else:
         stats = None
         if config.calib:
-            stats, calib_info = _calibrate(model, analysis.candidates, config, progress=progress,
-                                           extra=pairs.requests() if pairs else None)
+            stats, calib_info = _calibrate(model, analysis.candidates, config, progress=progress, pairs=pairs)
             calib_info["mode"] = "one-shot"
-            if pairs:
-                pairs.stats.update({k: stats.pop(k)[0] for k in pairs.pairs})
             t["calibrate"] = time.perf_counter()
         p, planner, plan_info = _plan_ranks(model, analysis, config, stats, fisher, feeds_list, progress=progress,
                                             curvature=curvature, pairs=pairs)
         if pairs and pairs.pairs:  # write the chosen widths, then the ranks onto the pruned model
-            pmodel, pruned, pruning["pairs"] = pairs.prune(model, planner.ranks, reason="--prune-mlp auto",
-                                                           progress=progress)
-            pruned = [r for r in pruned if r.decision == "pruned"]  # a whole pair's layers follow their ranks
-            analysis = analyze(pmodel, config, skip=pairs.pruned_labels(planner.ranks))
+            _, pruned, pruning["pairs"], analysis = _prune_chosen(pairs, model, planner, config, progress=progress)
             ctx = RewriteContext(analysis.graph, Namer(analysis.graph))
             p = plan(analysis.candidates, config, stats=stats, fisher=fisher, ranks=planner.ranks,
                      curvature=curvature, dense_reasons=planner.dense_reasons, cache=planner.cache)
-            planner.annotate(p.records + pruned, planner.ranks)
+            planner.annotate(p.records, planner.ranks)
         t["factorize"] = time.perf_counter()
         if p.by_key:
             apply(ctx, analysis.candidates, p)
@@ -523,6 +511,15 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
         raise VerificationFailed("verification FAILED: " + "; ".join(failures)
                                  + " (no output written; relax the rank policy or the tolerance)", result=result)
     return result
+
+
+def _prune_chosen(pairs: MlpPairs, model: onnx.ModelProto, planner, config: CompileConfig, *, progress: bool
+                  ) -> tuple[onnx.ModelProto, list[LayerRecord], list[dict], Analysis]:
+    """``--prune-mlp auto``: the model with the planner's widths written, the pruned layers' records
+    (annotated by the planner), the report rows, and the analysis of the other layers on it."""
+    pmodel, records, rows = pairs.prune(model, planner.ranks, reason="--prune-mlp auto", progress=progress)
+    planner.annotate(records, planner.ranks)
+    return pmodel, records, rows, analyze(pmodel, config, skip=pairs.pruned_labels(planner.ranks))
 
 
 def _plan_ranks(model: onnx.ModelProto, analysis: Analysis, config: CompileConfig, stats, fisher, feeds_list,
@@ -589,21 +586,24 @@ def _build_target(config: CompileConfig, src: Path, model_path: Path, dest_dir: 
 
 
 def _calibrate(model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *, progress: bool,
-               reference: onnx.ModelProto | None = None, extra: dict | None = None
+               reference: onnx.ModelProto | None = None, pairs: MlpPairs | None = None
                ) -> tuple[dict[str, list[LayerStats]], dict]:
     """Activation statistics of the candidates' inputs on the calibration data; with ``reference``
     (the original of a partly compressed ``model``) also the cross statistics of target correction;
-    ``extra``: more requests by key (MLP pairs' hidden activations), collected in the same pass."""
+    with ``pairs``, their hidden activations' statistics too, in the same pass (into ``pairs.stats``)."""
     from .calibrate import CalibSource, collect_stats, iter_calibration
 
     requests = dict(r for r in map(stat_request, cands) if r is not None)
-    requests.update(extra or {})
+    requests.update(pairs.requests() if pairs else {})
     if not requests:
         return {}, {"samples": 0, "layers": 0}
     mask = _mask_input(model, config)
     src = CalibSource(config.calib, config.calib_samples, config.calib_batch)
-    return collect_stats(model, requests, iter_calibration(src, model), mask_input=mask, progress=progress,
-                         total=config.calib_samples, reference=reference)
+    stats, info = collect_stats(model, requests, iter_calibration(src, model), mask_input=mask, progress=progress,
+                                total=config.calib_samples, reference=reference)
+    if pairs:
+        pairs.stats.update({k: stats.pop(k)[0] for k in pairs.pairs})
+    return stats, info
 
 
 def _mask_input(model: onnx.ModelProto, config: CompileConfig) -> str | None:

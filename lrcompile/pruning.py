@@ -117,12 +117,12 @@ class MlpPairs:
         return self.cache[(key, width)]
 
     def prune(self, model: onnx.ModelProto, widths: dict[str, int], *, reason: str, progress: bool = False,
-              whole_declined: bool = True) -> tuple[onnx.ModelProto, list[LayerRecord], list[dict]]:
+              report_whole: bool = False) -> tuple[onnx.ModelProto, list[LayerRecord], list[dict]]:
         """``model`` (which holds these pairs unchanged) with each pair in ``widths`` pruned to its
         width (0 or missing: the whole width, left as it is). Returns the model, one record per
-        layer of every pair, and the report rows. A pair left whole is declined (an allocation's
-        choice) or, with ``whole_declined=False``, reported as pruned to its full width (a fraction
-        of 1 asked for it; its layers still stay out of the low-rank passes)."""
+        layer of each pruned pair, and the report rows. A pair left whole gets none (its layers
+        follow their ranks), unless ``report_whole``: then it is reported as pruned to its full
+        width (a fraction of 1 asked for that; the caller keeps its layers out of low rank)."""
         from .passes import mlp
         from .pipeline import export
 
@@ -138,13 +138,7 @@ class MlpPairs:
                         leave=False):
             pr = self.pairs[key]
             k = todo.get(key, pr.width)
-            if k == pr.width and whole_declined:
-                for lin in (pr.up, pr.down):
-                    kin, kout = lin.weight.shape
-                    records.append(LayerRecord(node=node_label(lin.node), op=lin.node.op, shape=[kin, kout],
-                                               decision="declined", weight=lin.node.inputs[1].name,
-                                               reason="MLP pair kept whole by the allocation",
-                                               params_before=kin * kout, params_after=kin * kout))
+            if k == pr.width and not report_whole:
                 continue
             cp, secs = self.refit(key, k)
             written = pr  # a pair kept whole still reads its own constants
@@ -168,24 +162,13 @@ class MlpPairs:
         return (export(graph, model) if todo else model), records, rows
 
 
-def collect(pairs: MlpPairs, model: onnx.ModelProto, config: CompileConfig, *, progress: bool = False) -> dict:
-    """Fill ``pairs.stats`` from the calibration data; returns the calibration summary."""
-    from .calibrate import CalibSource, collect_stats, iter_calibration
-    from .pipeline import _mask_input
-
-    src = CalibSource(config.calib, config.calib_samples, config.calib_batch)
-    stats, calib = collect_stats(model, pairs.requests(), iter_calibration(src, model),
-                                 mask_input=_mask_input(model, config), progress=progress, total=config.calib_samples)
-    pairs.stats.update({k: v[0] for k, v in stats.items()})
-    return calib
-
-
 def prune_mlps(model: onnx.ModelProto, config: CompileConfig, *, progress: bool = False
                ) -> tuple[onnx.ModelProto, list[LayerRecord], dict]:
     """``--prune-mlp F``: keep that fraction of the hidden channels of every MLP pair and refit each
     second layer on the calibration data. Returns the smaller model, one record per rewritten layer,
     and the report section (per pair: channels kept, parameters, the refit's relative error)."""
     from .factorize.channels import keep_count
+    from .pipeline import _calibrate
 
     t0 = time.perf_counter()
     pairs = MlpPairs.find(model, config)
@@ -194,10 +177,10 @@ def prune_mlps(model: onnx.ModelProto, config: CompileConfig, *, progress: bool 
         log.warning("--prune-mlp: no MLP pair (Linear -> channel-wise activation -> Linear with constant weights) "
                     "in this model; nothing pruned")
         return model, [], {**info, "seconds": round(time.perf_counter() - t0, 3)}
-    calib = collect(pairs, model, config, progress=progress)
+    _, calib = _calibrate(model, [], config, progress=progress, pairs=pairs)
     widths = {key: keep_count(pr.width, config.prune_mlp, config.multiple) for key, pr in pairs.pairs.items()}
     new, records, rows = pairs.prune(model, widths, reason=f"--prune-mlp {config.prune_mlp:g}", progress=progress,
-                                     whole_declined=False)
+                                     report_whole=True)
     info.update(pairs=rows, samples=calib.get("samples"), mask_kept_rows=calib.get("mask_kept_rows"),
                 seconds=round(time.perf_counter() - t0, 3))
     return new, records, info

@@ -78,10 +78,7 @@ def prune_channels(gram: np.ndarray, in_sum: np.ndarray | None, count: int, weig
     if keep == n:  # nothing removed: the original, exactly
         return ChannelPrune(np.arange(n), np.asarray(weight).copy(), None if bias is None else np.asarray(bias).copy(),
                             0.0)
-    c, w0 = _augmented(gram, in_sum, count, weight, bias)
-    t = c @ w0
-    total = float(np.sum(w0 * t))
-    cd, const = _damped(c, n, damping), [n] if bias is not None else []
+    c, cd, t, total, const = _problem(gram, in_sum, count, weight, bias, damping)
     kept = _eliminate(cd, t, np.arange(n), const, keep)
     idx = np.concatenate([kept, const]).astype(np.int64)
     w = np.linalg.solve(cd[np.ix_(idx, idx)], t[idx])
@@ -105,13 +102,10 @@ def prune_curve(gram: np.ndarray, in_sum: np.ndarray | None, count: int, weight:
     cut to land on the size), so read the curve as an estimate between its points.
     """
     n = weight.shape[0]
-    c, w0 = _augmented(gram, in_sum, count, weight, bias)
-    t = c @ w0
-    total = float(np.sum(w0 * t))
+    _, cd, t, total, const = _problem(gram, in_sum, count, weight, bias, damping)
     if total <= 0:
         sizes = np.arange(max(1, smallest), n + 1)
         return sizes, np.zeros(len(sizes))
-    cd, const = _damped(c, n, damping), [n] if bias is not None else []
     sizes, errs = [n], [0.0]
 
     def record(kept: np.ndarray, w: np.ndarray, idx: np.ndarray) -> None:
@@ -121,6 +115,15 @@ def prune_curve(gram: np.ndarray, in_sum: np.ndarray | None, count: int, weight:
     _eliminate(cd, t, np.arange(n), const, max(1, smallest), record)
     order = np.argsort(sizes)
     return np.asarray(sizes, np.int64)[order], np.asarray(errs)[order]
+
+
+def _problem(gram, in_sum, count, weight, bias, damping: float):
+    """The least-squares problem both entry points solve: ``(C, C damped, T = C W0, tr(W0^T T),
+    the constant column's index or none)``."""
+    n = weight.shape[0]
+    c, w0 = _augmented(gram, in_sum, count, weight, bias)
+    t = c @ w0
+    return c, _damped(c, n, damping), t, float(np.sum(w0 * t)), [n] if bias is not None else []
 
 
 def _augmented(gram, in_sum, count, weight, bias) -> tuple[np.ndarray, np.ndarray]:
