@@ -61,6 +61,7 @@ class CalibSource:
     path: str
     samples: int | None = None
     batch_size: int = 16
+    flag: str = "--calib"  # the option named in messages
 
 
 def _rows(feed: dict[str, np.ndarray]) -> int:
@@ -72,9 +73,9 @@ def iter_calibration(src: CalibSource, model: onnx.ModelProto) -> Iterator[dict[
     p, _, func = src.path.partition(".py:")
     path = Path(p + ".py" if func else src.path)
     if not path.is_file():
-        raise LrcError(f"--calib {path}: no such file; pass an .npz, a Polygraphy JSON or a data-loader .py")
+        raise LrcError(f"{src.flag} {path}: no such file; pass an .npz, a Polygraphy JSON or a data-loader .py")
     left = src.samples if src.samples is not None else float("inf")
-    for feed in _raw_batches(path, func or "load_data", src.batch_size, model):
+    for feed in _raw_batches(path, func or "load_data", src.batch_size, model, src.flag):
         if left <= 0:
             return
         n = _rows(feed)
@@ -82,19 +83,20 @@ def iter_calibration(src: CalibSource, model: onnx.ModelProto) -> Iterator[dict[
             feed = {k: v[: int(left)] for k, v in feed.items()}
             n = int(left)
         left -= n
-        yield check_feeds(model, feed, f"--calib {path.name}")
+        yield check_feeds(model, feed, f"{src.flag} {path.name}")
 
 
-def _raw_batches(path: Path, func: str, batch_size: int, model: onnx.ModelProto) -> Iterator[dict]:
+def _raw_batches(path: Path, func: str, batch_size: int, model: onnx.ModelProto, flag: str = "--calib"
+                 ) -> Iterator[dict]:
     if path.suffix == ".npz":
         from .io import load_npz
 
-        arrays = {k: v for k, v in load_npz(path, "--calib").items() if not k.startswith("__")}
+        arrays = {k: v for k, v in load_npz(path, flag).items() if not k.startswith("__")}
         if not arrays:
-            raise LrcError(f"--calib {path} holds no arrays")
+            raise LrcError(f"{flag} {path} holds no arrays")
         lens = {k: v.shape[0] if v.ndim else None for k, v in arrays.items()}
         if len(set(lens.values())) != 1 or None in lens.values():
-            raise LrcError(f"--calib {path}: arrays must share their first (batch) axis, got {lens}")
+            raise LrcError(f"{flag} {path}: arrays must share their first (batch) axis, got {lens}")
         n = next(iter(lens.values()))
         for lo in range(0, n, batch_size):
             yield {k: v[lo:lo + batch_size] for k, v in arrays.items()}
@@ -105,13 +107,13 @@ def _raw_batches(path: Path, func: str, batch_size: int, model: onnx.ModelProto)
     elif path.suffix == ".py":
         from .io import user_function
 
-        fn = user_function(path, func, "--calib", "it to yield feed dicts")
+        fn = user_function(path, func, flag, "it to yield feed dicts")
         for feed in fn():
             if not isinstance(feed, dict):
-                raise LrcError(f"--calib {path}: {func}() must yield dicts of input name -> array")
+                raise LrcError(f"{flag} {path}: {func}() must yield dicts of input name -> array")
             yield {k: np.asarray(v) for k, v in feed.items()}
     else:
-        raise LrcError(f"--calib {path}: unknown type {path.suffix!r}; use .npz, Polygraphy .json or a .py loader")
+        raise LrcError(f"{flag} {path}: unknown type {path.suffix!r}; use .npz, Polygraphy .json or a .py loader")
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
