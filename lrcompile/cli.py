@@ -157,6 +157,12 @@ def main() -> None:
 @click.option("--probes", type=int, default=4, show_default=True,
               help="kfac: random output probes (backward passes) per calibration batch; the probed output is "
               "--metric-output, else the first.")
+@click.option("--distill", help="Unlabeled data (same formats as --calib, ideally more of it) on which the "
+              "factors are trained to reproduce the original after factorizing (torch: lrcompile[fisher]).")
+@click.option("--distill-samples", type=int, help="Use at most this many --distill samples.")
+@click.option("--distill-batch", type=int, default=32, show_default=True, help="Samples per training step.")
+@click.option("--distill-epochs", type=int, default=2, show_default=True, help="Passes over the --distill data.")
+@click.option("--distill-lr", type=float, default=1e-4, show_default=True, help="Adam learning rate (cosine-decayed).")
 @click.option("--solver", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True)
 @click.option("--only", help="Comma-separated op types to consider (MatMul,Gemm,Conv,Gather).")
 @click.option("--exclude", multiple=True, help="Regex on node names to leave intact (repeatable).")
@@ -219,6 +225,11 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, no_verify, d
             click.echo(layers_table(res.layers))
             if res.report.get("plan"):
                 click.echo("\n" + plan_summary(res.report["plan"], res.layers))
+            dist = res.report.get("distillation")
+            if dist:
+                click.echo(f"\ndistilled on {dist['samples']:,} samples ({dist['tensors_trained']} tensors, "
+                           f"{dist['params_trained']:,} params): held-out loss {dist['held_out_loss_before']:.4g} -> "
+                           f"{dist['held_out_loss_after']:.4g} (epoch {dist['kept_epoch']} of {dist['epochs']} kept)")
             tot = res.report["totals"]
             kind = "compressed" if tot["pruned"] else "factorized"
             click.echo(f"\n{tot['factorized']} factorized, " + (f"{tot['pruned']} pruned, " if tot["pruned"] else "")

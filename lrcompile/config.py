@@ -69,6 +69,11 @@ class CompileConfig:
             .npz), the loss (auto, bce, ce, mse) and the output it applies to, for ``collect``.
         probes: ``kfac``: random probes (backward passes) per calibration batch of the Gauss-Newton
             output curvature; the probed output is ``metric_output``, else the first output.
+        distill: unlabeled data (calibration formats) on which the rewrite's new tensors are
+            trained to reproduce the original model, after factorizing (``lrcompile.distill``;
+            torch); best kept data disjoint from the verification inputs. distill_samples /
+            distill_batch / distill_epochs / distill_lr: how much of it, rows per step, passes,
+            Adam's learning rate.
 
     Budgets (instead of a per-layer rank policy; see ``lrcompile.planner``):
         params / flops: keep this fraction of the candidate weights' parameters (or of their
@@ -128,6 +133,11 @@ class CompileConfig:
     loss: str = "auto"
     fisher_output: str | None = None
     probes: int = 4
+    distill: str | None = None
+    distill_samples: int | None = None
+    distill_batch: int = 32
+    distill_epochs: int = 2
+    distill_lr: float = 1e-4
     params: float | None = None
     flops: float | None = None
     max_drop: float | None = None
@@ -246,6 +256,12 @@ class CompileConfig:
             elif self.max_drop is not None:
                 raise LrcError("--max-drop searches low-rank budgets on the unpruned model; use --prune-mlp with "
                                "--params/--flops or a rank policy")
+        if self.distill_samples is not None and self.distill_samples < 2:
+            raise LrcError("--distill-samples must be >= 2 (the last tenth of the batches is held out)")
+        if self.distill_batch < 1 or self.distill_epochs < 1:
+            raise LrcError("--distill-batch and --distill-epochs must be >= 1")
+        if not self.distill_lr > 0:
+            raise LrcError(f"--distill-lr {self.distill_lr}: give a positive learning rate (e.g. 1e-4)")
         if self.allocation not in ALLOCATIONS:
             raise LrcError(f"--allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         if self.allocation == "sensitivity" and not self.calib:

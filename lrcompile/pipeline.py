@@ -473,6 +473,10 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
                        + "loosen the rank policy (e.g. --ratio 0.5) or --min-params")
     new = export(analysis.graph, model)
     t["rewrite"] = time.perf_counter()
+    distill_info = None
+    if config.distill:
+        new, distill_info = _distill(load_model(src), new, config, progress=progress)
+        t["distill"] = time.perf_counter()
     if planner is not None and (config.calib or config.val):
         ev = planner.evaluator(search=config.budget == "max_drop")
         m = ev.measure(new)
@@ -507,6 +511,7 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     result.report["calibration"] = calib_info
     result.report["plan"] = plan_info
     result.report["mlp_pruning"] = pruning
+    result.report["distillation"] = distill_info
     if status == "FAILED":
         raise VerificationFailed("verification FAILED: " + "; ".join(failures)
                                  + " (no output written; relax the rank policy or the tolerance)", result=result)
@@ -666,6 +671,19 @@ def _fisher(model: onnx.ModelProto, cands: list[Candidate], config: CompileConfi
     labels = fz.load_labels(config.calib, config.labels)
     return fz.collect_fisher(model, names, iter_calibration(src, model), labels, loss=config.loss,
                              output=config.fisher_output, progress=progress, total=config.calib_samples)
+
+
+def _distill(original: onnx.ModelProto, new: onnx.ModelProto, config: CompileConfig, *, progress: bool
+             ) -> tuple[onnx.ModelProto, dict]:
+    """``--distill``: the rewritten model with its new tensors trained against the original."""
+    from .calibrate import CalibSource, iter_calibration
+    from .distill import distill
+
+    src = CalibSource(config.distill, config.distill_samples, config.distill_batch, flag="--distill")
+    res = distill(original, new, iter_calibration(src, original), epochs=config.distill_epochs,
+                  lr=config.distill_lr, seed=config.seed, mask_input=_mask_input(original, config),
+                  progress=progress)
+    return res.model, res.info
 
 
 def _decline_summary(records: list[LayerRecord]) -> str:

@@ -1,0 +1,315 @@
+"""Distillation of a compressed model's new weights against the original (``--distill DATA``).
+
+One-shot factorization fits each layer on its own; the errors then add up through the network.
+This step trains only the tensors the rewrite introduced (low-rank factors, pruned weights and
+biases) plus the biases added right after them, so that the compressed model reproduces the
+original on unlabeled data: the teacher is the original model run in ONNX Runtime, the student
+the compressed one converted with onnx2torch (the optional ``[fisher]`` extra: torch and
+onnx2torch). Nothing else of the model changes.
+
+Loss: for each matched tensor (every model output, and the output of each rewritten layer, which
+keeps its original name and shape) the relative squared error
+``sum (student - teacher)^2 / sum teacher^2`` over the batch (rows where the mask input is 0
+dropped), averaged over the tensors. Adam with a cosine-decayed learning rate; batches in a seeded
+order, so the same data and options give the same weights.
+
+Guard: the data's last tenth (at least one batch) is held out. Its loss is measured before
+training and after each epoch, and the weights with the lowest held-out loss are returned: when
+training does not help on unseen data, the model comes back as the rewrite made it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from tqdm.auto import tqdm
+
+from .errors import LrcError
+
+log = logging.getLogger(__name__)
+
+#: Ops whose inputs onnx2torch copies into module parameters (read back from the module).
+BAKED = {"Conv": (1, 2), "ConvTranspose": (1, 2)}
+#: Ops whose converter keeps these inputs out of autograd: such a tensor is not trained.
+FROZEN = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2)}
+_BIAS_OPS = ("Add",)
+
+
+@dataclass
+class DistillResult:
+    """What :func:`distill` did (the ``distillation`` section of the report)."""
+
+    model: onnx.ModelProto
+    info: dict = field(default_factory=dict)
+
+
+def trainable_tensors(original: onnx.ModelProto, compressed: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """The float initializers of ``compressed`` that distillation trains, and the tensors it matches.
+
+    Trained: initializers the original does not hold (the rewrite's factors, pruned weights and
+    biases), and a 1-D initializer added by an ``Add`` to the output of a node that reads one of
+    those (the layer's bias). Matched: each tensor both graphs produce whose producer in the
+    compressed graph reads a trained tensor or a tensor the original lacks (the rewritten layer's
+    output, e.g. the second factor's product or the bias add), plus the model outputs.
+    """
+    old = {i.name for i in original.graph.initializer}
+    old_tensors = old | {t for n in original.graph.node for t in n.output} | {i.name for i in original.graph.input}
+    inits = {i.name: i for i in compressed.graph.initializer}
+    floats = {n for n, i in inits.items() if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                             onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)}
+    frozen = {n.input[i] for n in compressed.graph.node for i in FROZEN.get(n.op_type, ()) if i < len(n.input)}
+    new = [n for n in inits if n not in old and n in floats and n not in frozen]
+    trained = set(new)
+    reads_new = {o for n in compressed.graph.node if any(i in trained for i in n.input) for o in n.output}
+    for n in compressed.graph.node:
+        if n.op_type in _BIAS_OPS and any(i in reads_new for i in n.input):
+            for i in n.input:
+                if i in floats and i not in frozen and len(inits[i].dims) == 1:
+                    trained.add(i)
+    names = [i.name for i in compressed.graph.initializer if i.name in trained]  # file order: deterministic
+    matched = []
+    for n in compressed.graph.node:
+        if any(i in trained or (i and i not in old_tensors) for i in n.input):
+            matched += [o for o in n.output if o in old_tensors]
+    outputs = [o.name for o in compressed.graph.output]
+    return names, list(dict.fromkeys(matched + outputs))
+
+
+def _prepared(model: onnx.ModelProto, lift: list[str], baked: set[str]):
+    """``model`` for onnx2torch: Constant nodes as initializers, each lifted tensor read from a new
+    graph input (so its gradient arrives in the stored layout); returns (model, input by tensor)."""
+    from .fisher import _single_output
+
+    m = _single_output(model, model.graph.output[0].name)
+    del m.graph.output[:]
+    m.graph.output.extend(model.graph.output)
+    used = {t for n in m.graph.node for t in (*n.input, *n.output)} | {i.name for i in m.graph.initializer}
+    used |= {i.name for i in m.graph.input}
+    inputs = {}
+    values = {i.name: i for i in m.graph.initializer}
+    for w in lift:
+        if w in baked:
+            continue
+        new = w + "__lrc_distill"
+        while new in used:
+            new += "_"
+        used.add(new)
+        inputs[w] = new
+        for node in m.graph.node:
+            for i, t in enumerate(node.input):
+                if t == w:
+                    node.input[i] = new
+        m.graph.input.append(onnx.helper.make_tensor_value_info(new, values[w].data_type, list(values[w].dims)))
+    keep = [i for i in m.graph.initializer if i.name not in inputs]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    return m, inputs
+
+
+def _trimmed(feed: dict[str, np.ndarray], mask_input: str | None) -> dict[str, np.ndarray]:
+    """The batch without its trailing all-padding columns: a 2-D mask's columns past the last nonzero
+    one are cut from every input of the mask's shape (teacher and student see the same feed, so the
+    loss stays consistent; padded sequence models train faster on the shorter batch)."""
+    mask = feed.get(mask_input) if mask_input else None
+    if mask is None or mask.ndim != 2:
+        return feed
+    cols = np.flatnonzero(np.asarray(mask != 0).any(axis=0))
+    keep = int(cols[-1]) + 1 if cols.size else mask.shape[1]
+    if keep == mask.shape[1]:
+        return feed
+    return {k: (v[:, :keep] if v.shape[:2] == mask.shape else v) for k, v in feed.items()}
+
+
+def _split(feeds: list[dict[str, np.ndarray]]) -> tuple[list, list]:
+    if not feeds:
+        raise LrcError("--distill: the data source yielded no samples")
+    if len(feeds) < 2:
+        raise LrcError(f"--distill: {len(next(iter(feeds[0].values())))} samples make one batch; give at least "
+                       f"two batches (the last tenth is held out to check the training) or a smaller --distill-batch")
+    n_val = max(1, len(feeds) // 10)
+    return feeds[:-n_val], feeds[-n_val:]
+
+
+def distill(
+    original: onnx.ModelProto,
+    compressed: onnx.ModelProto,
+    batches: Iterable[dict[str, np.ndarray]],
+    *,
+    epochs: int = 2,
+    lr: float = 3e-5,
+    seed: int = 0,
+    mask_input: str | None = None,
+    progress: bool = False,
+) -> DistillResult:
+    """Train the compressed model's new tensors to reproduce the original (see the module doc).
+
+    Args:
+        original: the teacher (not modified).
+        compressed: the rewritten model (not modified); its new tensors are trained.
+        batches: feed dicts (``iter_calibration``); held in memory, the last tenth held out.
+        epochs: passes over the training batches.
+        lr: Adam's initial learning rate (cosine-decayed to zero over the run).
+        seed: seed of the batch order.
+        mask_input: input whose zeros mark padding rows, or None.
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`DistillResult` with a new model (the input's other tensors byte-identical).
+    """
+    if epochs < 1:
+        raise LrcError(f"--distill-epochs {epochs}: give at least one epoch")
+    if not lr > 0:
+        raise LrcError(f"--distill-lr {lr}: give a positive learning rate")
+    from .fisher import _import_convert, _modules_by_output
+
+    convert = _import_convert()
+    import onnxruntime as ort
+    import torch
+
+    from .calibrate import _row_mask, feed_mask
+
+    t0 = time.perf_counter()
+    names, matched = trainable_tensors(original, compressed)
+    if not names:
+        raise LrcError("--distill: the compressed model has no new weights to train (nothing was rewritten)")
+    inits = {i.name: i for i in compressed.graph.initializer}
+    for w in names:
+        if inits[w].data_type != onnx.TensorProto.FLOAT:
+            raise LrcError(f"--distill trains float32 weights; {w!r} is "
+                           f"{onnx.TensorProto.DataType.Name(inits[w].data_type)} (distill before converting to fp16)")
+    baked = {n.input[i] for n in compressed.graph.node for i in BAKED.get(n.op_type, ()) if i < len(n.input)}
+    baked &= set(names)
+    feeds = [_trimmed(f, mask_input) for f in batches]
+    train, val = _split(feeds)
+
+    # teacher: the original with the matched tensors exposed, in ONNX Runtime
+    teacher_model = onnx.ModelProto()
+    teacher_model.CopyFrom(original)
+    have = {o.name for o in teacher_model.graph.output}
+    teacher_model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in matched if t not in have)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    teacher = ort.InferenceSession(teacher_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    # student: the compressed model in torch, its new tensors leaves (or baked module parameters)
+    prepared, lifted = _prepared(compressed, names, baked)
+    from .fisher import _frozen_module
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = _frozen_module(convert, prepared)
+    torch.manual_seed(seed)
+    leaves = {w: torch.nn.Parameter(torch.from_numpy(numpy_helper.to_array(inits[w]).copy())) for w in lifted}
+    by_output = _modules_by_output(gm)
+    baked_params: dict[str, torch.nn.Parameter] = {}
+    for node in compressed.graph.node:
+        for i in BAKED.get(node.op_type, ()):
+            if i < len(node.input) and node.input[i] in baked:
+                mod = next(c for c in by_output[node.output[0]].modules()
+                           if isinstance(c, torch.nn.modules.conv._ConvNd))
+                p = mod.weight if i == 1 else mod.bias
+                p.requires_grad_(True)
+                baked_params[node.input[i]] = p
+    single = _modules_by_output(gm, single=True)
+    outputs = [o.name for o in compressed.graph.output]
+    hooked = [t for t in matched if t not in outputs and t in single]
+    captured: dict[str, object] = {}
+
+    def hook_for(name: str):
+        def hook(_mod, _inp, out):
+            captured[name] = out
+        return hook
+
+    handles = [single[t].register_forward_hook(hook_for(t)) for t in hooked]
+    used = outputs + hooked
+    order = [i.name for i in prepared.graph.input]
+    by_input = {v: w for w, v in lifted.items()}
+
+    def loss_of(feed: dict[str, np.ndarray]):
+        want = dict(zip([o.name for o in teacher.get_outputs()],
+                        teacher.run(None, {k: feed[k] for k in (i.name for i in teacher.get_inputs())})))
+        captured.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = gm(*[leaves[by_input[n]] if n in by_input else torch.from_numpy(np.ascontiguousarray(feed[n]))
+                       for n in order])
+        res = list(res) if isinstance(res, (tuple, list)) else [res]
+        got = dict(zip(outputs, res)) | captured
+        mask = feed_mask(feed, mask_input)
+        terms = []
+        for t in used:
+            y, ref = got.get(t), want.get(t)
+            if not isinstance(y, torch.Tensor) or ref is None or tuple(y.shape) != ref.shape or not y.is_floating_point():
+                continue
+            r = torch.from_numpy(np.ascontiguousarray(ref)).to(y.dtype)
+            d, r2 = (y - r) ** 2, r ** 2
+            m = _row_mask(mask, tuple(y.shape[:-1])) if y.ndim >= 2 else None
+            if m is not None:
+                keep = torch.from_numpy(np.ascontiguousarray(m)).unsqueeze(-1).to(y.dtype)
+                d, r2 = d * keep, r2 * keep
+            terms.append(d.sum() / r2.sum().clamp_min(1e-12))
+        if not terms:
+            raise LrcError("--distill: no model output or rewritten layer output could be matched to the original")
+        return sum(terms) / len(terms), len(terms)
+
+    params = list(leaves.values()) + list(baked_params.values())
+    opt = torch.optim.Adam(params, lr=lr)
+    steps = epochs * len(train)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return float(np.mean([loss_of(f)[0].item() for f in val]))
+
+    def snapshot() -> dict[str, np.ndarray]:
+        return {w: p.detach().numpy().copy() for w, p in (leaves | baked_params).items()}
+
+    history = [{"epoch": 0, "held_out_loss": held_out()}]
+    best, best_epoch = snapshot(), 0
+    n_terms = loss_of(val[0])[1]
+    bar = tqdm(total=steps, desc="distill", unit="batch", disable=None if progress else True, leave=False)
+    try:
+        for epoch in range(1, epochs + 1):
+            total = 0.0
+            for b in np.random.default_rng(seed + epoch).permutation(len(train)):
+                loss, _ = loss_of(train[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4g}")
+            h = held_out()
+            history.append({"epoch": epoch, "train_loss": total / len(train), "held_out_loss": h})
+            if h < min(r["held_out_loss"] for r in history[:-1]):
+                best, best_epoch = snapshot(), epoch
+    finally:
+        bar.close()
+        for hd in handles:
+            hd.remove()
+
+    out = onnx.ModelProto()
+    out.CopyFrom(compressed)
+    for init in out.graph.initializer:
+        if init.name in best:
+            init.CopyFrom(numpy_helper.from_array(best[init.name].astype(np.float32), init.name))
+    rows = sum(int(next(iter(f.values())).shape[0]) for f in feeds)
+    info = {
+        "samples": rows, "held_out_batches": len(val), "epochs": epochs, "lr": lr, "seed": seed,
+        "tensors_trained": len(names), "params_trained": int(sum(np.prod(inits[w].dims) for w in names)),
+        "tensors_matched": n_terms, "kept_epoch": best_epoch, "history": history,
+        "held_out_loss_before": history[0]["held_out_loss"],
+        "held_out_loss_after": history[best_epoch]["held_out_loss"],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    if best_epoch == 0:
+        log.warning("--distill: training did not lower the held-out loss (%.4g); the rewritten weights are kept",
+                    history[0]["held_out_loss"])
+    return DistillResult(out, info)

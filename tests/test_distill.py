@@ -1,0 +1,170 @@
+"""--distill (lrcompile.distill): which tensors train, that training lowers the error on unseen data,
+the held-out guard, determinism, Conv factors, and one-line errors."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import lrcompile
+from lrcompile.errors import LrcError
+from tests.helpers import make_model, run, save, trained_like, vi
+
+pytest.importorskip("torch")
+if importlib.util.find_spec("onnx2torch") is None:
+    pytest.skip("--distill needs onnx2torch (lrcompile[fisher])", allow_module_level=True)
+
+from lrcompile.distill import _trimmed, distill, trainable_tensors  # noqa: E402
+
+K, H, N = 32, 64, 16
+
+
+def _mlp(tmp_path):
+    w1, w2 = trained_like(K, H, seed=1, decay=0.3), trained_like(H, N, seed=2, decay=0.3)
+    b1 = np.linspace(-0.2, 0.2, H, dtype=np.float32)
+    m = make_model(
+        [helper.make_node("MatMul", ["x", "W1"], ["h0"], name="fc1"), helper.make_node("Add", ["h0", "b1"], ["h1"]),
+         helper.make_node("Tanh", ["h1"], ["h2"]), helper.make_node("MatMul", ["h2", "W2"], ["y"], name="fc2")],
+        [vi("x", ["b", K])], [vi("y", ["b", N])], [("W1", w1), ("b1", b1), ("W2", w2)])
+    return save(m, tmp_path / "mlp.onnx")
+
+
+def _x(n, seed):
+    """Correlated inputs (a few strong directions), as real activations are."""
+    mix = np.random.default_rng(0).normal(size=(K, K)) * (np.arange(1, K + 1) ** -1.0)[:, None]
+    return (np.random.default_rng(seed).normal(size=(n, K)) @ mix).astype(np.float32)
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture
+def compiled(tmp_path):
+    src = _mlp(tmp_path)
+    np.savez(tmp_path / "calib.npz", x=_x(64, 1))
+    np.savez(tmp_path / "distill.npz", x=_x(640, 2))
+    opts = dict(method="whiten", calib=str(tmp_path / "calib.npz"), ratio=0.3, multiple=1, min_params=0, verify=False)
+    return src, opts
+
+
+def test_trains_only_new_tensors_and_lowers_unseen_error(tmp_path, compiled):
+    src, opts = compiled
+    lrcompile.compile(src, tmp_path / "plain.onnx", **opts)
+    res = lrcompile.compile(src, tmp_path / "d.onnx", **opts, distill=str(tmp_path / "distill.npz"),
+                            distill_epochs=4, distill_lr=3e-3, distill_batch=32)
+    info = res.report["distillation"]
+    assert info["samples"] == 640 and info["held_out_batches"] == 2 and info["kept_epoch"] >= 1
+    assert info["held_out_loss_after"] < 0.95 * info["held_out_loss_before"]
+
+    before, after = onnx.load(str(tmp_path / "plain.onnx")), onnx.load(str(tmp_path / "d.onnx"))
+    names, matched = trainable_tensors(onnx.load(str(src)), before)
+    b, a = ({i.name: numpy_helper.to_array(i) for i in m.graph.initializer} for m in (before, after))
+    assert set(b) == set(a) and "b1" in names and "W1" not in b and "W2" not in b  # both layers factorized
+    assert set(names) == set(b)  # factors of both layers and fc1's bias
+    for k in names:
+        assert not np.array_equal(a[k], b[k]), k
+    assert {"h1", "y"} <= set(matched)
+
+    x = _x(512, 3)  # neither calibration nor distillation data
+    ref = run(src, {"x": x})["y"]
+    e_plain, e_dist = _rel(run(tmp_path / "plain.onnx", {"x": x})["y"], ref), _rel(run(tmp_path / "d.onnx", {"x": x})["y"], ref)
+    assert e_dist < 0.97 * e_plain, (e_plain, e_dist)  # measured 0.954
+
+
+def test_untouched_weights_stay_byte_identical_and_output_is_deterministic(tmp_path, compiled):
+    src, opts = compiled
+    opts = {**opts, "include": ("fc2",), "distill": str(tmp_path / "distill.npz"), "distill_lr": 3e-3}
+    lrcompile.compile(src, tmp_path / "a.onnx", **opts)
+    lrcompile.compile(src, tmp_path / "b.onnx", **opts)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    orig = {i.name: i.SerializeToString() for i in onnx.load(str(src)).graph.initializer}
+    out = {i.name: i.SerializeToString() for i in onnx.load(str(tmp_path / "a.onnx")).graph.initializer}
+    assert out["W1"] == orig["W1"] and out["b1"] == orig["b1"]  # fc1 was not rewritten: not trained
+
+
+def test_guard_returns_the_rewrite_when_training_does_not_help(tmp_path, compiled):
+    src, opts = compiled
+    plain = lrcompile.compile(src, tmp_path / "plain.onnx", **opts)
+    res = lrcompile.compile(src, tmp_path / "d.onnx", **opts, distill=str(tmp_path / "distill.npz"), distill_lr=50.0)
+    assert res.report["distillation"]["kept_epoch"] == 0
+    assert (tmp_path / "d.onnx").read_bytes() == (tmp_path / "plain.onnx").read_bytes()
+    assert plain.output is not None
+
+
+def test_conv_factors_train_through_the_torch_modules(tmp_path):
+    w = (trained_like(16, 3 * 9, seed=3, decay=0.2).reshape(16, 3, 3, 3))
+    m = make_model([helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+                    helper.make_node("Relu", ["c"], ["y"])],
+                   [vi("x", ["b", 3, 8, 8])], [vi("y", ["b", 16, 8, 8])], [("W", w.astype(np.float32))])
+    src = save(m, tmp_path / "conv.onnx")
+    smooth = lambda n, s: np.cumsum(np.random.default_rng(s).normal(size=(n, 3, 8, 8)), axis=3).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=smooth(32, 1))
+    np.savez(tmp_path / "distill.npz", x=smooth(256, 2))
+    opts = dict(method="whiten", calib=str(tmp_path / "calib.npz"), rank=3, multiple=1, min_params=0, verify=False,
+                keep_unprofitable=True)
+    lrcompile.compile(src, tmp_path / "plain.onnx", **opts)
+    res = lrcompile.compile(src, tmp_path / "d.onnx", **opts, distill=str(tmp_path / "distill.npz"),
+                            distill_epochs=3, distill_lr=3e-3)
+    assert res.report["distillation"]["kept_epoch"] >= 1
+    x = smooth(64, 9)
+    ref = run(src, {"x": x})["y"]
+    e0, e1 = _rel(run(tmp_path / "plain.onnx", {"x": x})["y"], ref), _rel(run(tmp_path / "d.onnx", {"x": x})["y"], ref)
+    assert e1 < e0, (e0, e1)
+
+
+def test_trimmed_cuts_trailing_padding_of_mask_shaped_inputs():
+    ids = np.arange(12).reshape(2, 6)
+    mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+    other = np.ones((2, 3), np.float32)
+    got = _trimmed({"ids": ids, "attention_mask": mask, "other": other}, "attention_mask")
+    assert got["ids"].shape == (2, 3) and got["attention_mask"].shape == (2, 3) and got["other"] is other
+    assert _trimmed({"ids": ids}, None)["ids"] is ids
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(distill="missing.npz"), r"--distill .*missing\.npz: no such file"),
+    (dict(distill_lr=0.0, distill="d.npz"), r"--distill-lr 0.0: give a positive learning rate"),
+    (dict(distill="d.npz", distill_samples=8, distill_batch=32), r"--distill: 8 samples make one batch"),
+])
+def test_one_line_errors_and_no_output(tmp_path, compiled, kw, match):
+    src, opts = compiled
+    np.savez(tmp_path / "d.npz", x=_x(64, 5))
+    kw = {k: (str(tmp_path / v) if k == "distill" else v) for k, v in kw.items()}
+    with pytest.raises(LrcError, match=match):
+        lrcompile.compile(src, tmp_path / "o.onnx", **opts, **kw)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_nothing_new_to_train(tmp_path):
+    src = _mlp(tmp_path)
+    m = onnx.load(str(src))
+    with pytest.raises(LrcError, match="no new weights"):
+        distill(m, m, iter([{"x": _x(8, 0)}] * 2))
+
+
+def test_cli_prints_the_distillation_and_errors_in_one_line(tmp_path, compiled):
+    import subprocess
+    import sys
+
+    src, _ = compiled
+    base = [sys.executable, "-m", "lrcompile.cli", "compile", str(src), "--method", "whiten", "--calib",
+            str(tmp_path / "calib.npz"), "--ratio", "0.3", "--multiple", "1", "--min-params", "0", "--no-verify"]
+    r = subprocess.run(base + ["-o", str(tmp_path / "d.onnx"), "--distill", str(tmp_path / "distill.npz"),
+                               "--distill-lr", "3e-3", "--report", str(tmp_path / "d.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "distilled on 640 samples" in r.stdout and "held-out loss" in r.stdout
+    import json
+
+    assert json.loads((tmp_path / "d.json").read_text())["config"]["distill"].endswith("distill.npz")
+    np.savez(tmp_path / "bad.npz", y=_x(64, 1))
+    r = subprocess.run(base + ["-o", str(tmp_path / "e.onnx"), "--distill", str(tmp_path / "bad.npz")],
+                       capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("WARNING")]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("lrcompile: error: "), r.stderr
+    assert "--distill bad.npz" in lines[0] and "Traceback" not in r.stderr, lines[0]
+    assert not (tmp_path / "e.onnx").exists()
