@@ -517,6 +517,11 @@ def run_bench(ds: Dataset, configs: list[BenchConfig], out: str | Path, *, commo
                 row.update(status="ok", factorized=tot["factorized"], declined=tot["declined"],
                            factorized_params_before=tot["params_before"], factorized_params_after=tot["params_after"],
                            factorized_params_ratio=tot["params_ratio"])
+                dist = res.report.get("distillation")
+                if dist:  # the held-out loss the training saw, and which epoch it kept
+                    row.update(distill_loss_before=dist["held_out_loss_before"],
+                               distill_loss_after=dist["held_out_loss_after"], distill_kept_epoch=dist["kept_epoch"],
+                               distill_s=dist["seconds"])
                 layers[cfg.label] = _layers(res)
                 facts = _model_facts(dst, shapes1)
                 row.update(facts, params_ratio=facts["params"] / facts0["params"],

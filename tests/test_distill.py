@@ -168,3 +168,10 @@ def test_cli_prints_the_distillation_and_errors_in_one_line(tmp_path, compiled):
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("lrcompile: error: "), r.stderr
     assert "--distill bad.npz" in lines[0] and "Traceback" not in r.stderr, lines[0]
     assert not (tmp_path / "e.onnx").exists()
+
+
+def test_bench_config_takes_the_distill_options():
+    from lrcompile.bench import parse_config
+
+    (c,) = parse_config("whiten:ratio=0.5;distill=d.npz;distill-epochs=3;distill_lr=1e-3")
+    assert dict(c.options) == {"ratio": 0.5, "distill": "d.npz", "distill_epochs": 3, "distill_lr": 1e-3}
