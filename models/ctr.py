@@ -14,8 +14,9 @@ matrices are Gemms over constant weights. Output ``probability [batch, 1]`` (sig
 Embeddings start at N(0, 0.05) and Linear layers at torch's default init (not a tiny init, which
 would leave the trained layers nearly low-rank). Adam, batch 512, early stopping on validation AUC.
 Split: a seeded random 80/10/10 split of the ratings (train/valid/test); eval feed = test split,
-calib feed = the first 4096 training rows. A full build also trains the same model on a by-time
-split (oldest 80% / next 10% / newest 10%) and records its test metrics.
+calib feed = the first 4096 training rows, distill feed (inputs only) the next 32,768. A full build
+also trains the same model on a by-time split (oldest 80% / next 10% / newest 10%) and records its
+test metrics.
 """
 from __future__ import annotations
 
@@ -207,10 +208,12 @@ def _build(cls, seed: int, data: Path, fast: bool) -> Built:
         train_rows, valid_rows, test_rows = perm[:int(0.8 * n)], perm[int(0.8 * n):int(0.9 * n)], perm[int(0.9 * n):]
         n_train, n_test, n_calib, epochs = (20000, 2000, 512, 2) if fast else (len(train_rows), len(test_rows),
                                                                                 4096, 10)
+        n_distill = 1024 if fast else 32768
         t0 = time.perf_counter()
         model, log = train(cls, ml["vocab"], x, y, train_rows[:n_train], valid_rows, seed=seed, max_epochs=epochs)
         train_s = time.perf_counter() - t0
         eval_rows, calib_rows = test_rows[:n_test], train_rows[:n_calib]
+        distill_rows = train_rows[n_calib:n_calib + n_distill]
         p_test = predict(model, x[eval_rows])
         extra = {"training": {"optimizer": "Adam lr 1e-3, batch 512, BCE", "max_epochs": epochs, "patience": 2,
                               "train_rows": n_train, "seconds": round(train_s, 1), "log": log,
@@ -233,7 +236,7 @@ def _build(cls, seed: int, data: Path, fast: bool) -> Built:
         torch.use_deterministic_algorithms(False)
     return Built(
         model=onnx_model, calib={"features": x[calib_rows]}, eval={"features": x[eval_rows]},
-        calib_labels=y[calib_rows], eval_labels=y[eval_rows],
+        calib_labels=y[calib_rows], eval_labels=y[eval_rows], distill={"features": x[distill_rows]},
         task="binary_classification", output="probability", primary="auc", batch_size=4096,
         torch_output=p_test[:, None],
         data={"files": {f: file_digest(data_file(data, f)) for f in FILES}, "n_ratings": n,
@@ -246,7 +249,7 @@ def _build(cls, seed: int, data: Path, fast: bool) -> Built:
               "split": f"perm = numpy.random.default_rng(seed).permutation({n}); train = perm[:80%], "
                        "valid = perm[80%:90%], test = perm[90%:]",
               "train": f"train[:{n_train}]", "eval": f"test[:{n_test}] (the test split)",
-              "calib": f"train[:{n_calib}]"},
+              "calib": f"train[:{n_calib}]", "distill": f"train[{n_calib}:{n_calib + n_distill}] (inputs only)"},
         extra=extra,
     )
 

@@ -41,14 +41,16 @@ def check_build(out: Path) -> dict:
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [(i.name, i.shape[0]) for i in sess.get_inputs()] == [(i["name"], "batch") for i in meta["inputs"]]
     assert [o.name for o in sess.get_outputs()] == [o["name"] for o in meta["outputs"]]
-    for split in ("calib", "eval"):
+    for split in ("calib", "eval", "distill"):
+        if not meta["files"].get(split):
+            continue
         with np.load(out / meta["files"][split]) as z:
             assert sorted(z.files) == sorted(i["name"] for i in meta["inputs"])
             rows = {len(z[k]) for k in z.files}
             assert len(rows) == 1
             for i in meta["inputs"]:
                 assert z[i["name"]].dtype.name == i["dtype"]
-        if meta["files"][f"{split}_labels"]:
+        if meta["files"].get(f"{split}_labels"):
             assert {len(np.load(out / meta["files"][f"{split}_labels"]))} == rows
     # re-evaluation reproduces the recorded baseline; the original matches its own reference
     again = metrics.evaluate(out / "model.onnx", out)
@@ -184,6 +186,7 @@ def test_ctr_fast(name, tmp_path):
     assert meta["baseline"]["auc"] == pytest.approx(meta["torch_test"]["auc"], abs=1e-4)
     assert meta["checks"]["ort_vs_torch_max_abs_diff"] < 1e-5
     assert meta["baseline"]["auc"] > 0.65
+    assert meta["files"]["distill"] == "distill.npz" and meta["feeds"]["distill"]["features"]["shape"][0] == 1024
 
 
 @pytest.mark.torch
@@ -211,5 +214,6 @@ def test_minilm_fast(tmp_path):
     assert len(shapes) == 36
     assert (shapes.count((384, 384)), shapes.count((384, 1536)), shapes.count((1536, 384))) == (24, 6, 6)
     assert meta["outputs"][0]["shape"] == ["batch", 384]
-    assert set(meta["data"]["calib_rows"]).isdisjoint(meta["data"]["eval_rows"])
+    calib, eval_, distill = (set(meta["data"][f"{k}_rows"]) for k in ("calib", "eval", "distill"))
+    assert calib.isdisjoint(eval_) and distill.isdisjoint(calib | eval_) and len(distill) == 64
     assert meta["checks"]["ort_vs_torch_max_abs_diff"] < 1e-5
