@@ -1,7 +1,7 @@
 """The compile pipeline. Data flows one way:
 
-    load -> find candidates -> (calibrate) -> factorize (numpy) -> rewrite -> clean up -> check
-         -> verify -> save/build
+    load -> find candidates -> (calibrate) -> factorize (numpy) -> rewrite -> clean up
+         -> (distill: torch) -> check -> verify -> save/build
 
 With ``sequential`` calibration the middle three run per stage (candidates sharing an input),
 each stage calibrated on the model as rewritten so far.
