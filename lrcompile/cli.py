@@ -163,6 +163,8 @@ def main() -> None:
 @click.option("--distill-batch", type=int, default=32, show_default=True, help="Samples per training step.")
 @click.option("--distill-epochs", type=int, default=2, show_default=True, help="Passes over the --distill data.")
 @click.option("--distill-lr", type=float, default=1e-4, show_default=True, help="Adam learning rate (cosine-decayed).")
+@click.option("--distill-match", type=click.Choice(["outputs", "layers"]), default="outputs", show_default=True,
+              help="What --distill matches: the model outputs, or also every rewritten layer's output.")
 @click.option("--solver", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True)
 @click.option("--only", help="Comma-separated op types to consider (MatMul,Gemm,Conv,Gather).")
 @click.option("--exclude", multiple=True, help="Regex on node names to leave intact (repeatable).")

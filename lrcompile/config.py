@@ -73,7 +73,8 @@ class CompileConfig:
             trained to reproduce the original model, after factorizing (``lrcompile.distill``;
             torch); best kept data disjoint from the verification inputs. distill_samples /
             distill_batch / distill_epochs / distill_lr: how much of it, rows per step, passes,
-            Adam's learning rate.
+            Adam's learning rate; distill_match: ``outputs`` (match the model outputs) or
+            ``layers`` (also every rewritten layer's output).
 
     Budgets (instead of a per-layer rank policy; see ``lrcompile.planner``):
         params / flops: keep this fraction of the candidate weights' parameters (or of their
@@ -138,6 +139,7 @@ class CompileConfig:
     distill_batch: int = 32
     distill_epochs: int = 2
     distill_lr: float = 1e-4
+    distill_match: str = "outputs"
     params: float | None = None
     flops: float | None = None
     max_drop: float | None = None
@@ -262,6 +264,8 @@ class CompileConfig:
             raise LrcError("--distill-batch and --distill-epochs must be >= 1")
         if not self.distill_lr > 0:
             raise LrcError(f"--distill-lr {self.distill_lr}: give a positive learning rate (e.g. 1e-4)")
+        if self.distill_match not in ("outputs", "layers"):
+            raise LrcError(f"--distill-match {self.distill_match!r}: choose outputs or layers")
         if self.allocation not in ALLOCATIONS:
             raise LrcError(f"--allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         if self.allocation == "sensitivity" and not self.calib:

@@ -7,10 +7,12 @@ original on unlabeled data: the teacher is the original model run in ONNX Runtim
 the compressed one converted with onnx2torch (the optional ``[fisher]`` extra: torch and
 onnx2torch). Nothing else of the model changes.
 
-Loss: for each matched tensor (every model output, and the output of each rewritten layer, which
-keeps its original name and shape) the relative squared error
-``sum (student - teacher)^2 / sum teacher^2`` over the batch (rows where the mask input is 0
-dropped), averaged over the tensors. Adam with a cosine-decayed learning rate; batches in a seeded
+Loss: for each matched tensor the relative squared error ``sum (student - teacher)^2 / sum
+teacher^2`` over the batch (rows where the mask input is 0 dropped), averaged over the tensors.
+Matched are the model outputs (``match="outputs"``, the default), or also the output of each
+rewritten layer, which keeps its original name and shape (``"layers"``: denser supervision that
+ties each layer to the original's; on DeepFM at 10% of the weights it kept less AUC than matching
+the outputs alone, on MiniLM the two tied). Adam with a cosine-decayed learning rate; batches in a seeded
 order, so the same data and options give the same weights.
 
 Guard: the data's last tenth (at least one batch) is held out. Its loss is measured before
@@ -39,6 +41,7 @@ BAKED = {"Conv": (1, 2), "ConvTranspose": (1, 2)}
 #: Ops whose converter keeps these inputs out of autograd: such a tensor is not trained.
 FROZEN = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2)}
 _BIAS_OPS = ("Add",)
+MATCHES = ("outputs", "layers")
 
 
 @dataclass
@@ -144,6 +147,7 @@ def distill(
     epochs: int = 2,
     lr: float = 3e-5,
     seed: int = 0,
+    match: str = "outputs",
     mask_input: str | None = None,
     progress: bool = False,
 ) -> DistillResult:
@@ -156,6 +160,7 @@ def distill(
         epochs: passes over the training batches.
         lr: Adam's initial learning rate (cosine-decayed to zero over the run).
         seed: seed of the batch order.
+        match: ``outputs`` (the model outputs) or ``layers`` (also every rewritten layer's output).
         mask_input: input whose zeros mark padding rows, or None.
         progress: show a progress bar.
 
@@ -166,6 +171,8 @@ def distill(
         raise LrcError(f"--distill-epochs {epochs}: give at least one epoch")
     if not lr > 0:
         raise LrcError(f"--distill-lr {lr}: give a positive learning rate")
+    if match not in MATCHES:
+        raise LrcError(f"--distill-match {match!r}: choose one of {', '.join(MATCHES)}")
     from .fisher import _import_convert, _modules_by_output
 
     convert = _import_convert()
@@ -176,6 +183,9 @@ def distill(
 
     t0 = time.perf_counter()
     names, matched = trainable_tensors(original, compressed)
+    outputs = [o.name for o in compressed.graph.output]
+    if match == "outputs":
+        matched = [t for t in matched if t in outputs]
     if not names:
         raise LrcError("--distill: the compressed model has no new weights to train (nothing was rewritten)")
     inits = {i.name: i for i in compressed.graph.initializer}
@@ -217,7 +227,6 @@ def distill(
                 p.requires_grad_(True)
                 baked_params[node.input[i]] = p
     single = _modules_by_output(gm, single=True)
-    outputs = [o.name for o in compressed.graph.output]
     hooked = [t for t in matched if t not in outputs and t in single]
     captured: dict[str, object] = {}
 
@@ -302,7 +311,7 @@ def distill(
             init.CopyFrom(numpy_helper.from_array(best[init.name].astype(np.float32), init.name))
     rows = sum(int(next(iter(f.values())).shape[0]) for f in feeds)
     info = {
-        "samples": rows, "held_out_batches": len(val), "epochs": epochs, "lr": lr, "seed": seed,
+        "samples": rows, "held_out_batches": len(val), "epochs": epochs, "lr": lr, "seed": seed, "match": match,
         "tensors_trained": len(names), "params_trained": int(sum(np.prod(inits[w].dims) for w in names)),
         "tensors_matched": n_terms, "kept_epoch": best_epoch, "history": history,
         "held_out_loss_before": history[0]["held_out_loss"],

@@ -681,7 +681,8 @@ def _distill(original: onnx.ModelProto, new: onnx.ModelProto, config: CompileCon
 
     src = CalibSource(config.distill, config.distill_samples, config.distill_batch, flag="--distill")
     res = distill(original, new, iter_calibration(src, original), epochs=config.distill_epochs,
-                  lr=config.distill_lr, seed=config.seed, mask_input=_mask_input(original, config),
+                  lr=config.distill_lr, seed=config.seed, match=config.distill_match,
+                  mask_input=_mask_input(original, config),
                   progress=progress)
     return res.model, res.info
 
