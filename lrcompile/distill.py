@@ -221,8 +221,12 @@ def distill(
     for node in compressed.graph.node:
         for i in BAKED.get(node.op_type, ()):
             if i < len(node.input) and node.input[i] in baked:
-                mod = next(c for c in by_output[node.output[0]].modules()
-                           if isinstance(c, torch.nn.modules.conv._ConvNd))
+                owner = by_output.get(node.output[0])
+                mod = next((c for c in owner.modules() if isinstance(c, torch.nn.modules.conv._ConvNd)), None) \
+                    if owner is not None else None
+                if mod is None:
+                    raise LrcError(f"--distill: onnx2torch made no torch conv module of {node.name or node.op_type!r}, "
+                                   f"so its factor {node.input[i]!r} cannot be trained; exclude it (--exclude)")
                 p = mod.weight if i == 1 else mod.bias
                 p.requires_grad_(True)
                 baked_params[node.input[i]] = p
@@ -281,7 +285,8 @@ def distill(
 
     history = [{"epoch": 0, "held_out_loss": held_out()}]
     best, best_epoch = snapshot(), 0
-    n_terms = loss_of(val[0])[1]
+    with torch.no_grad():
+        n_terms = loss_of(val[0])[1]
     bar = tqdm(total=steps, desc="distill", unit="batch", disable=None if progress else True, leave=False)
     try:
         for epoch in range(1, epochs + 1):
