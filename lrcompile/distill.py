@@ -52,6 +52,17 @@ class DistillResult:
     info: dict = field(default_factory=dict)
 
 
+def check_available() -> None:
+    """One line when torch or onnx2torch is missing (called before the compile spends any time)."""
+    import importlib.util
+
+    from .fisher import INSTALL_HINT
+
+    missing = [m for m in ("torch", "onnx2torch") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LrcError(f"--distill trains with torch; {' and '.join(missing)} not installed: {INSTALL_HINT}")
+
+
 def trainable_tensors(original: onnx.ModelProto, compressed: onnx.ModelProto) -> tuple[list[str], list[str]]:
     """The float initializers of ``compressed`` that distillation trains, and the tensors it matches.
 

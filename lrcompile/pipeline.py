@@ -389,6 +389,10 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     if same_file(src, out):
         raise LrcError(f"output {out} is the input model; lrcompile never overwrites its input: pass another -o")
 
+    if config.distill:
+        from .distill import check_available
+
+        check_available()
     feeds_list = None
     if config.verify or config.target in ("ort", "trt") or config.flops is not None or config.resolved_latency_aware:
         feeds_list = _feeds(model, config)

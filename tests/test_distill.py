@@ -178,3 +178,14 @@ def test_bench_config_takes_the_distill_options():
 
     (c,) = parse_config("whiten:ratio=0.5;distill=d.npz;distill-epochs=3;distill_lr=1e-3")
     assert dict(c.options) == {"ratio": 0.5, "distill": "d.npz", "distill_epochs": 3, "distill_lr": 1e-3}
+
+
+def test_missing_torch_is_one_line_before_any_work(tmp_path, compiled, monkeypatch):
+    import importlib.util as iu
+
+    real = iu.find_spec
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "onnx2torch" else real(name, *a))
+    src, opts = compiled
+    with pytest.raises(LrcError, match=r"--distill trains with torch; onnx2torch not installed: pip install"):
+        lrcompile.compile(src, tmp_path / "o.onnx", **opts, distill=str(tmp_path / "distill.npz"))
+    assert not (tmp_path / "o.onnx").exists()
