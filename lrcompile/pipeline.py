@@ -389,10 +389,12 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     if same_file(src, out):
         raise LrcError(f"output {out} is the input model; lrcompile never overwrites its input: pass another -o")
 
-    if config.distill:
+    if config.distill:  # fail now, not after the factorization: torch present, the data readable and matching
+        from .calibrate import CalibSource, iter_calibration
         from .distill import check_available
 
         check_available()
+        next(iter_calibration(CalibSource(config.distill, 1, 1, flag="--distill"), model), None)
     feeds_list = None
     if config.verify or config.target in ("ort", "trt") or config.flops is not None or config.resolved_latency_aware:
         feeds_list = _feeds(model, config)
