@@ -78,8 +78,7 @@ def trainable_tensors(original: onnx.ModelProto, compressed: onnx.ModelProto) ->
     floats = {n for n, i in inits.items() if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                                                              onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)}
     frozen = {n.input[i] for n in compressed.graph.node for i in FROZEN.get(n.op_type, ()) if i < len(n.input)}
-    new = [n for n in inits if n not in old and n in floats and n not in frozen]
-    trained = set(new)
+    trained = {n for n in inits if n not in old and n in floats and n not in frozen}
     reads_new = {o for n in compressed.graph.node if any(i in trained for i in n.input) for o in n.output}
     for n in compressed.graph.node:
         if n.op_type in _BIAS_OPS and any(i in reads_new for i in n.input):
@@ -98,11 +97,9 @@ def trainable_tensors(original: onnx.ModelProto, compressed: onnx.ModelProto) ->
 def _prepared(model: onnx.ModelProto, lift: list[str], baked: set[str]):
     """``model`` for onnx2torch: Constant nodes as initializers, each lifted tensor read from a new
     graph input (so its gradient arrives in the stored layout); returns (model, input by tensor)."""
-    from .fisher import _single_output
+    from .fisher import for_torch
 
-    m = _single_output(model, model.graph.output[0].name)
-    del m.graph.output[:]
-    m.graph.output.extend(model.graph.output)
+    m = for_torch(model, [o.name for o in model.graph.output])
     used = {t for n in m.graph.node for t in (*n.input, *n.output)} | {i.name for i in m.graph.initializer}
     used |= {i.name for i in m.graph.input}
     inputs = {}
@@ -156,7 +153,7 @@ def distill(
     batches: Iterable[dict[str, np.ndarray]],
     *,
     epochs: int = 2,
-    lr: float = 3e-5,
+    lr: float = 1e-4,
     seed: int = 0,
     match: str = "outputs",
     mask_input: str | None = None,

@@ -493,12 +493,17 @@ class OutputCurvature:
 
 
 def _single_output(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
-    """A copy with one output, prepared for onnx2torch: ``Constant`` nodes of the main graph become
-    initializers and trailing omitted optional inputs are dropped (its Clip converter takes min/max
-    only from initializers and reads ``""`` as a tensor name)."""
+    """A copy with the one output ``output``, prepared for onnx2torch (see :func:`for_torch`)."""
+    return for_torch(model, [output])
+
+
+def for_torch(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """A copy with just ``outputs``, prepared for onnx2torch: ``Constant`` nodes of the main graph
+    become initializers and trailing omitted optional inputs are dropped (its Clip converter takes
+    min/max only from initializers and reads ``""`` as a tensor name)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    keep = [o for o in m.graph.output if o.name == output]
+    keep = [o for o in m.graph.output if o.name in outputs]
     del m.graph.output[:]
     m.graph.output.extend(keep)
     nodes = []

@@ -382,7 +382,7 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     config = config or CompileConfig()
     src = Path(input_path)
     t = {"start": time.perf_counter()}
-    model = load_model(src)
+    model = original = load_model(src)  # ``model`` becomes the pruned one under --prune-mlp F
     out = Path(output) if output is not None else default_output(src)
     if out.suffix != ".onnx":
         raise LrcError(f"output {out} must end in .onnx (the engine is written beside it for --target trt)")
@@ -481,7 +481,7 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     t["rewrite"] = time.perf_counter()
     distill_info = None
     if config.distill:
-        new, distill_info = _distill(load_model(src), new, config, progress=progress)
+        new, distill_info = _distill(original, new, config, progress=progress)
         t["distill"] = time.perf_counter()
     if planner is not None and (config.calib or config.val):
         ev = planner.evaluator(search=config.budget == "max_drop")
