@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 
 import lrcompile
 from lrcompile.errors import LrcError
-from tests.helpers import make_model, run, save, trained_like, vi
+from helpers import make_model, run, save, trained_like, vi
 
 pytest.importorskip("torch")
 if importlib.util.find_spec("onnx2torch") is None:
