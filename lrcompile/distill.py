@@ -13,7 +13,8 @@ Matched are the model outputs (``match="outputs"``, the default), or also the ou
 rewritten layer, which keeps its original name and shape (``"layers"``: denser supervision that
 ties each layer to the original's; on DeepFM at 10% of the weights it kept less AUC than matching
 the outputs alone, on MiniLM the two tied). Adam with a cosine-decayed learning rate; batches in a seeded
-order, so the same data and options give the same weights.
+order, so the same data and options give the same weights. With a 2-D mask input the rows are
+batched by length and each batch cut to its longest row, which spends no compute on padding.
 
 Guard: the data's last tenth (at least one batch) is held out. Its loss is measured before
 training and after each epoch, and the weights with the lowest held-out loss are returned: when
@@ -42,6 +43,9 @@ BAKED = {"Conv": (1, 2), "ConvTranspose": (1, 2)}
 FROZEN = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2)}
 _BIAS_OPS = ("Add",)
 MATCHES = ("outputs", "layers")
+#: The teacher's outputs are computed once per batch and kept up to this size (MiniLM's pooled
+#: embedding: 6 MB for 4,096 reviews); past it, the rest are recomputed every epoch.
+TEACHER_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -137,6 +141,30 @@ def _trimmed(feed: dict[str, np.ndarray], mask_input: str | None) -> dict[str, n
     return {k: (v[:, :keep] if v.shape[:2] == mask.shape else v) for k, v in feed.items()}
 
 
+def _groupable(feeds: list[dict[str, np.ndarray]], mask_input: str | None) -> bool:
+    """Whether :func:`_grouped` can re-batch ``feeds``: a 2-D mask input, and every feed with the
+    same inputs and the same shapes past the batch axis."""
+    mask = feeds[0].get(mask_input) if mask_input and feeds else None
+    if mask is None or mask.ndim != 2 or len(feeds) < 2:
+        return False
+    keys = list(feeds[0])
+    return all(list(f) == keys and all(f[k].shape[1:] == feeds[0][k].shape[1:] for k in keys) for f in feeds)
+
+
+def _grouped(feeds: list[dict[str, np.ndarray]], mask_input: str) -> list[dict[str, np.ndarray]]:
+    """The same rows re-batched by length, each batch then trimmed (see :func:`_trimmed`): rows
+    sorted by their last unpadded position (stable, so deterministic), cut into batches of the first
+    feed's size. On MiniLM's reviews this cuts the mean batch from 128 tokens to 81."""
+    keys = list(feeds[0])
+    rows = {k: np.concatenate([f[k] for f in feeds]) for k in keys}
+    m = np.asarray(rows[mask_input] != 0)
+    length = np.where(m.any(axis=1), m.shape[1] - np.argmax(m[:, ::-1], axis=1), 0)
+    order = np.argsort(length, kind="stable")
+    size = len(feeds[0][mask_input])
+    return [_trimmed({k: v[order[i:i + size]] for k, v in rows.items()}, mask_input)
+            for i in range(0, len(order), size)]
+
+
 def _split(feeds: list[dict[str, np.ndarray]]) -> tuple[list, list]:
     if not feeds:
         raise LrcError("--distill: the data source yielded no samples")
@@ -157,6 +185,7 @@ def distill(
     seed: int = 0,
     match: str = "outputs",
     mask_input: str | None = None,
+    group_lengths: bool = True,
     progress: bool = False,
 ) -> DistillResult:
     """Train the compressed model's new tensors to reproduce the original (see the module doc).
@@ -170,6 +199,8 @@ def distill(
         seed: seed of the batch order.
         match: ``outputs`` (the model outputs) or ``layers`` (also every rewritten layer's output).
         mask_input: input whose zeros mark padding rows, or None.
+        group_lengths: with a 2-D mask input, batch rows of similar length together (then every
+            batch is cut to its longest row; the batch order is still shuffled each epoch).
         progress: show a progress bar.
 
     Returns:
@@ -203,8 +234,16 @@ def distill(
                            f"{onnx.TensorProto.DataType.Name(inits[w].data_type)} (distill before converting to fp16)")
     baked = {n.input[i] for n in compressed.graph.node for i in BAKED.get(n.op_type, ()) if i < len(n.input)}
     baked &= set(names)
-    feeds = [_trimmed(f, mask_input) for f in batches]
+    feeds = list(batches)
     train, val = _split(feeds)
+    grouped = group_lengths and _groupable(train, mask_input)
+
+    def batched(part: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        if grouped and _groupable(part, mask_input):
+            return _grouped(part, mask_input)
+        return [_trimmed(f, mask_input) for f in part]
+
+    train, val = batched(train), batched(val)
 
     # teacher: the original with the matched tensors exposed, in ONNX Runtime
     teacher_model = onnx.ModelProto()
@@ -252,9 +291,22 @@ def distill(
     order = [i.name for i in prepared.graph.input]
     by_input = {v: w for w, v in lifted.items()}
 
-    def loss_of(feed: dict[str, np.ndarray]):
+    cache: dict[int, dict[str, np.ndarray]] = {}
+    cached = [0]
+
+    def teacher_of(key: int, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The teacher's tensors for one batch, kept while they fit TEACHER_CACHE_BYTES in all."""
+        if key in cache:
+            return cache[key]
         want = dict(zip([o.name for o in teacher.get_outputs()],
                         teacher.run(None, {k: feed[k] for k in (i.name for i in teacher.get_inputs())})))
+        size = sum(v.nbytes for v in want.values())
+        if cached[0] + size <= TEACHER_CACHE_BYTES:
+            cache[key], cached[0] = want, cached[0] + size
+        return want
+
+    def loss_of(key: int, feed: dict[str, np.ndarray]):
+        want = teacher_of(key, feed)
         captured.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -286,7 +338,7 @@ def distill(
 
     def held_out() -> float:
         with torch.no_grad():
-            return float(np.mean([loss_of(f)[0].item() for f in val]))
+            return float(np.mean([loss_of(-1 - i, f)[0].item() for i, f in enumerate(val)]))
 
     def snapshot() -> dict[str, np.ndarray]:
         return {w: p.detach().numpy().copy() for w, p in (leaves | baked_params).items()}
@@ -294,13 +346,13 @@ def distill(
     history = [{"epoch": 0, "held_out_loss": held_out()}]
     best, best_epoch = snapshot(), 0
     with torch.no_grad():
-        n_terms = loss_of(val[0])[1]
+        n_terms = loss_of(-1, val[0])[1]
     bar = tqdm(total=steps, desc="distill", unit="batch", disable=None if progress else True, leave=False)
     try:
         for epoch in range(1, epochs + 1):
             total = 0.0
             for b in np.random.default_rng(seed + epoch).permutation(len(train)):
-                loss, _ = loss_of(train[b])
+                loss, _ = loss_of(int(b), train[b])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -325,6 +377,7 @@ def distill(
     rows = sum(int(next(iter(f.values())).shape[0]) for f in feeds)
     info = {
         "samples": rows, "held_out_batches": len(val), "epochs": epochs, "lr": lr, "seed": seed, "match": match,
+        "length_grouped": bool(grouped),
         "tensors_trained": len(names), "params_trained": int(sum(np.prod(inits[w].dims) for w in names)),
         "tensors_matched": n_terms, "kept_epoch": best_epoch, "history": history,
         "held_out_loss_before": history[0]["held_out_loss"],
