@@ -138,7 +138,7 @@ class CompileConfig:
     distill_samples: int | None = None
     distill_batch: int = 32
     distill_epochs: int = 2
-    distill_lr: float = 1e-4
+    distill_lr: float = 3e-4
     distill_match: str = "outputs"
     params: float | None = None
     flops: float | None = None
@@ -263,7 +263,7 @@ class CompileConfig:
         if self.distill_batch < 1 or self.distill_epochs < 1:
             raise LrcError("--distill-batch and --distill-epochs must be >= 1")
         if not self.distill_lr > 0:
-            raise LrcError(f"--distill-lr {self.distill_lr}: give a positive learning rate (e.g. 1e-4)")
+            raise LrcError(f"--distill-lr {self.distill_lr}: give a positive learning rate (e.g. 3e-4)")
         if self.distill_match not in ("outputs", "layers"):
             raise LrcError(f"--distill-match {self.distill_match!r}: choose outputs or layers")
         if self.allocation not in ALLOCATIONS:
