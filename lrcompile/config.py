@@ -14,6 +14,8 @@ from .factorize import METHODS, RankPolicy
 TARGETS = ("onnx", "ort", "trt")
 SOLVERS = ("auto", "exact", "randomized")
 ALLOCATIONS = ("auto", "sensitivity", "error", "threshold")
+#: What ``--distill`` matches (see ``lrcompile.distill``).
+DISTILL_MATCHES = ("outputs", "layers")
 #: The default method when calibration data is given: the best measured on the test-bed models
 #: (README "Data-aware factorization"); without data the default is plain SVD.
 DEFAULT_WITH_DATA = "whiten"
@@ -264,8 +266,8 @@ class CompileConfig:
             raise LrcError("--distill-batch and --distill-epochs must be >= 1")
         if not self.distill_lr > 0:
             raise LrcError(f"--distill-lr {self.distill_lr}: give a positive learning rate (e.g. 3e-4)")
-        if self.distill_match not in ("outputs", "layers"):
-            raise LrcError(f"--distill-match {self.distill_match!r}: choose outputs or layers")
+        if self.distill_match not in DISTILL_MATCHES:
+            raise LrcError(f"--distill-match {self.distill_match!r}: choose {' or '.join(DISTILL_MATCHES)}")
         if self.allocation not in ALLOCATIONS:
             raise LrcError(f"--allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         if self.allocation == "sensitivity" and not self.calib:

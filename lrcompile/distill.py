@@ -33,6 +33,7 @@ import onnx
 from onnx import numpy_helper
 from tqdm.auto import tqdm
 
+from .config import DISTILL_MATCHES
 from .errors import LrcError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ BAKED = {"Conv": (1, 2), "ConvTranspose": (1, 2)}
 #: Ops whose converter keeps these inputs out of autograd: such a tensor is not trained.
 FROZEN = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2)}
 _BIAS_OPS = ("Add",)
-MATCHES = ("outputs", "layers")
 #: The teacher's outputs are computed once per batch and kept up to this size (MiniLM's pooled
 #: embedding: 6 MB for 4,096 reviews); past it, the rest are recomputed every epoch.
 TEACHER_CACHE_BYTES = 1 << 30
@@ -210,15 +210,15 @@ def distill(
         raise LrcError(f"--distill-epochs {epochs}: give at least one epoch")
     if not lr > 0:
         raise LrcError(f"--distill-lr {lr}: give a positive learning rate")
-    if match not in MATCHES:
-        raise LrcError(f"--distill-match {match!r}: choose one of {', '.join(MATCHES)}")
+    if match not in DISTILL_MATCHES:
+        raise LrcError(f"--distill-match {match!r}: choose one of {', '.join(DISTILL_MATCHES)}")
     from .fisher import _import_convert, _modules_by_output
 
     convert = _import_convert()
     import onnxruntime as ort
     import torch
 
-    from .calibrate import _row_mask, feed_mask
+    from .calibrate import _row_mask, _with_outputs, feed_mask
 
     t0 = time.perf_counter()
     names, matched = trainable_tensors(original, compressed)
@@ -246,13 +246,10 @@ def distill(
     train, val = batched(train), batched(val)
 
     # teacher: the original with the matched tensors exposed, in ONNX Runtime
-    teacher_model = onnx.ModelProto()
-    teacher_model.CopyFrom(original)
-    have = {o.name for o in teacher_model.graph.output}
-    teacher_model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in matched if t not in have)
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    teacher = ort.InferenceSession(teacher_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    teacher = ort.InferenceSession(_with_outputs(original, matched).SerializeToString(), so,
+                                   providers=["CPUExecutionProvider"])
 
     # student: the compressed model in torch, its new tensors leaves (or baked module parameters)
     prepared, lifted = _prepared(compressed, names, baked)
@@ -292,17 +289,19 @@ def distill(
     by_input = {v: w for w, v in lifted.items()}
 
     cache: dict[int, dict[str, np.ndarray]] = {}
-    cached = [0]
+    cached = 0
 
     def teacher_of(key: int, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The teacher's tensors for one batch, kept while they fit TEACHER_CACHE_BYTES in all."""
+        nonlocal cached
         if key in cache:
             return cache[key]
         want = dict(zip([o.name for o in teacher.get_outputs()],
                         teacher.run(None, {k: feed[k] for k in (i.name for i in teacher.get_inputs())})))
         size = sum(v.nbytes for v in want.values())
-        if cached[0] + size <= TEACHER_CACHE_BYTES:
-            cache[key], cached[0] = want, cached[0] + size
+        if cached + size <= TEACHER_CACHE_BYTES:
+            cache[key] = want
+            cached += size
         return want
 
     def loss_of(key: int, feed: dict[str, np.ndarray]):

@@ -492,11 +492,6 @@ class OutputCurvature:
     info: dict = field(default_factory=dict)
 
 
-def _single_output(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
-    """A copy with the one output ``output``, prepared for onnx2torch (see :func:`for_torch`)."""
-    return for_torch(model, [output])
-
-
 def for_torch(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     """A copy with just ``outputs``, prepared for onnx2torch: ``Constant`` nodes of the main graph
     become initializers and trailing omitted optional inputs are dropped (its Clip converter takes
@@ -607,7 +602,7 @@ def collect_output_curvature(
     output = output or outs[0]
     if output not in outs:
         raise LrcError(f"the probed output {output!r} (--metric-output) is not a model output; choose one of {outs}")
-    gm = _frozen_module(convert, _single_output(model, output))
+    gm = _frozen_module(convert, for_torch(model, [output]))
     by_output = _modules_by_output(gm, single=True)
     res = OutputCurvature(info={"output": output, "probes": probes, "seed": seed, "mask_input": mask_input})
     names = []
