@@ -162,7 +162,7 @@ def main() -> None:
 @click.option("--distill-samples", type=int, help="Use at most this many --distill samples.")
 @click.option("--distill-batch", type=int, default=32, show_default=True, help="Samples per training step.")
 @click.option("--distill-epochs", type=int, default=2, show_default=True, help="Passes over the --distill data.")
-@click.option("--distill-lr", type=float, default=3e-4, show_default=True, help="Adam learning rate (cosine-decayed).")
+@click.option("--distill-lr", type=float, default=1e-4, show_default=True, help="Adam learning rate (cosine-decayed).")
 @click.option("--distill-match", type=click.Choice(["outputs", "layers"]), default="outputs", show_default=True,
               help="What --distill matches: the model outputs, or also every rewritten layer's output.")
 @click.option("--solver", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True)

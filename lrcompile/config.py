@@ -140,7 +140,7 @@ class CompileConfig:
     distill_samples: int | None = None
     distill_batch: int = 32
     distill_epochs: int = 2
-    distill_lr: float = 3e-4
+    distill_lr: float = 1e-4
     distill_match: str = "outputs"
     params: float | None = None
     flops: float | None = None
@@ -265,7 +265,7 @@ class CompileConfig:
         if self.distill_batch < 1 or self.distill_epochs < 1:
             raise LrcError("--distill-batch and --distill-epochs must be >= 1")
         if not self.distill_lr > 0:
-            raise LrcError(f"--distill-lr {self.distill_lr}: give a positive learning rate (e.g. 3e-4)")
+            raise LrcError(f"--distill-lr {self.distill_lr}: give a positive learning rate (e.g. 1e-4)")
         if self.distill_match not in DISTILL_MATCHES:
             raise LrcError(f"--distill-match {self.distill_match!r}: choose {' or '.join(DISTILL_MATCHES)}")
         if self.allocation not in ALLOCATIONS:

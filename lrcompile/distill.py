@@ -181,7 +181,7 @@ def distill(
     batches: Iterable[dict[str, np.ndarray]],
     *,
     epochs: int = 2,
-    lr: float = 3e-4,
+    lr: float = 1e-4,
     seed: int = 0,
     match: str = "outputs",
     mask_input: str | None = None,
