@@ -250,6 +250,8 @@ def distill(
     so.log_severity_level = 3
     teacher = ort.InferenceSession(_with_outputs(original, matched).SerializeToString(), so,
                                    providers=["CPUExecutionProvider"])
+    teacher_in = [i.name for i in teacher.get_inputs()]
+    teacher_out = [o.name for o in teacher.get_outputs()]
 
     # student: the compressed model in torch, its new tensors leaves (or baked module parameters)
     prepared, lifted = _prepared(compressed, names, baked)
@@ -296,8 +298,7 @@ def distill(
         nonlocal cached
         if key in cache:
             return cache[key]
-        want = dict(zip([o.name for o in teacher.get_outputs()],
-                        teacher.run(None, {k: feed[k] for k in (i.name for i in teacher.get_inputs())})))
+        want = dict(zip(teacher_out, teacher.run(teacher_out, {k: feed[k] for k in teacher_in})))
         size = sum(v.nbytes for v in want.values())
         if cached + size <= TEACHER_CACHE_BYTES:
             cache[key] = want
