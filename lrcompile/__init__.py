@@ -19,23 +19,23 @@ __version__ = "0.1.0"
 
 
 def compile(model, output=None, *, progress: bool = False, **options) -> "CompileResult":  # noqa: A001
-    """Compile ``model`` (a path) to ``output``; options are ``CompileConfig`` fields."""
+    """Compile ``model`` (a path) to ``output``; options are ``CompileConfig`` fields.
+
+    Values may take any form ``lrcompile.config.coerce`` reads, the same as ``--config`` replay and
+    bench configurations: ``only="MatMul,Gemm"`` or ``["MatMul", "Gemm"]``, ``latency_batches="1,16"``,
+    ``dims={"batch": 4}``; None means the default. An unknown option is an ``LrcError``.
+    """
     from .config import CompileConfig
     from .pipeline import compile_model
 
-    if "only" in options and isinstance(options["only"], (list, str)):
-        o = options["only"]
-        options["only"] = tuple(o.split(",")) if isinstance(o, str) else tuple(o)
-    for k in ("exclude", "include"):
-        if isinstance(options.get(k), (list, str)):
-            v = options[k]
-            options[k] = (v,) if isinstance(v, str) else tuple(v)
-    return compile_model(model, output, CompileConfig(**options), progress=progress)
+    return compile_model(model, output, CompileConfig.from_dict(options), progress=progress)
 
 
-def inspect(model, *, ratio: float = 0.5, min_params: int = 4096) -> list[dict]:
-    """Candidates, singular-value summaries and declines of ``model``; writes nothing."""
-    from .inspect import inspect_model
+def inspect(model, *, ratio: float | None = None, min_params: int | None = None) -> list[dict]:
+    """Candidates, singular-value summaries and declines of ``model``; writes nothing.
+
+    ``ratio`` and ``min_params`` are the compile options of those names (None: their defaults)."""
+    from .inspection import inspect_model
 
     return inspect_model(model, ratio=ratio, min_params=min_params)
 

@@ -30,7 +30,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -82,42 +82,27 @@ def _fmt(v) -> str:
 
 
 def _coerce(key: str, raw: str, text: str):
-    from .config import CompileConfig
+    """One value of a configuration, converted as every option is (``lrcompile.config.coerce``)."""
+    from .config import coerce, specs
 
-    types = {f.name: str(f.type) for f in fields(CompileConfig)}
-    if key in RESERVED or key not in types:
-        allowed = sorted(set(types) - RESERVED)
+    names = [s.name for s in specs()]
+    if key in RESERVED or key not in names:
+        allowed = sorted(set(names) - RESERVED)
         raise LrcError(f"--config {text!r}: option {key!r} cannot be set here; use one of {', '.join(allowed)}")
-    t = types[key]
     try:
-        if t.startswith("bool"):
-            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(raw)
-            return raw.lower() in ("1", "true", "yes")
-        if t.startswith("int"):
-            return int(raw)
-        if t.startswith("float"):
-            try:
-                return float(raw)
-            except ValueError:
-                if "str" in t:  # a number or a word (--prune-mlp auto)
-                    return raw
-                raise
-        if t.startswith("tuple"):
-            return tuple(raw.split("+"))
-        if t.startswith("dict"):
-            return json.loads(raw)
-    except ValueError:
-        raise LrcError(f"--config {text!r}: {key}={raw!r} is not a valid {t}") from None
-    return raw
+        return coerce(key, raw, label=key)
+    except LrcError as e:
+        raise LrcError(f"--config {text!r}: {e}") from None
 
 
 def parse_config(text: str) -> list[BenchConfig]:
     """``METHOD[:KEY=V1,V2[;KEY=V...]]`` -> one BenchConfig per combination of the values.
 
     ``svd:ratio=0.9,0.7,0.5`` gives three; ``whiten:ratio=0.5;sequential=1`` one. Keys are
-    CompileConfig fields (``-`` may stand for ``_``); tuple fields take ``+``-separated values
-    (``only=MatMul+Gemm``).
+    CompileConfig fields (``-`` may stand for ``_``); values are converted as every option is
+    (``lrcompile.config.coerce``): ``none`` means the default, and a list takes ``+``-separated
+    values (``only=MatMul+Gemm``; ``,`` separates configurations), except a repeatable pattern
+    option (``exclude``, ``include``, ``layer_methods``), whose value is one pattern.
     """
     from .factorize import METHODS
 

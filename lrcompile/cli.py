@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from .config import DEFAULT_RATIO, SECTIONS, Spec, choices_of, coerce, specs
 from .errors import LrcError, VerificationFailed
 
 log = logging.getLogger("lrcompile")
@@ -25,6 +26,81 @@ class DefaultGroup(click.Group):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["compile", *args]
         return super().parse_args(ctx, args)
+
+
+class FieldOption(click.Option):
+    """A click option generated from a ``CompileConfig`` field (:func:`config_options`).
+
+    It keeps the field's help section, and fills ``{choices}`` in its help when the help is shown
+    (a registry such as the metrics loads only then)."""
+
+    def __init__(self, *args, spec: Spec, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spec, self.section = spec, spec.section
+
+    def get_help_record(self, ctx):
+        if self.help and "{choices}" in self.help:
+            self.help = self.help.replace("{choices}", ", ".join(choices_of(self.spec.name)))
+        return super().get_help_record(ctx)
+
+
+def _field_option(s: Spec):
+    """The click option of one field: its flag, help, choices and default come from the field.
+
+    Values reach ``CompileConfig.from_dict`` as click gives them (lists and ``NAME=INT`` pairs as
+    text) and are converted there, by ``lrcompile.config.coerce``, like any other caller's."""
+    kw = {"cls": FieldOption, "spec": s, "help": s.option.help}
+    if s.kind == "bool":
+        if s.inverted:  # --no-verify: the flag sets the field False
+            kw.update(is_flag=True, flag_value=False, default=True)
+        elif "/" in s.decl:  # --external-data/--no-external-data: None when neither is given
+            kw.update(default=s.default)
+        else:
+            kw.update(is_flag=True)
+        return click.option(s.decl, s.name, **kw)
+    choices = s.option.choices
+    if isinstance(choices, tuple) and choices:
+        kw["type"] = click.Choice(choices)
+    elif s.kind in ("int", "float"):
+        kw["type"] = click.INT if s.kind == "int" else click.FLOAT
+    kw.update(multiple=s.option.multiple, metavar=s.option.metavar)
+    d = s.default
+    if d not in (None, (), {}):
+        kw.update(default=",".join(map(str, d)) if isinstance(d, tuple) else d, show_default=True)
+    return click.option(s.decl, s.name, **kw)
+
+
+def config_options(*names: str):
+    """Decorate a command with the click options of the ``CompileConfig`` fields (all, or ``names``)."""
+    chosen = [s for s in specs() if s.option.cli and (not names or s.name in names)]
+
+    def decorate(fn):
+        for s in reversed(chosen):
+            fn = _field_option(s)(fn)
+        return fn
+
+    return decorate
+
+
+class SectionedCommand(click.Command):
+    """A command whose ``--help`` shows the generated options under the config's SECTIONS."""
+
+    def format_options(self, ctx, formatter) -> None:
+        groups: dict[str, list] = {}
+        for p in self.get_params(ctx):
+            rec = p.get_help_record(ctx) if isinstance(p, click.Option) else None
+            if rec:
+                groups.setdefault(getattr(p, "section", "Options"), []).append(rec)
+        for title in ("Options", *SECTIONS):
+            if groups.get(title):
+                with formatter.section(title):
+                    formatter.write_dl(groups[title])
+
+
+def log_options(fn):
+    """``-v`` / ``-q``, the same on every command."""
+    fn = click.option("-q", "--quiet", is_flag=True, help="Only errors and the result.")(fn)
+    return click.option("-v", "--verbose", count=True, help="More log output (-vv: debug).")(fn)
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -46,24 +122,6 @@ def _run(fn):
         sys.exit(130)
 
 
-def _parse_dims(values: tuple[str, ...]) -> dict:
-    dims = {}
-    for v in values:
-        name, sep, num = v.partition("=")
-        if not sep or not num.isdigit():
-            raise LrcError(f"--dim {v!r}: expected NAME=INT (e.g. --dim batch=4 --dim sequence=128)")
-        dims[name] = int(num)
-    return dims
-
-
-def _parse_batches(text: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise LrcError(f"--latency-batches {text!r}: expected comma-separated integers (e.g. 1,16)") from None
-    return out
-
-
 def _plan_plot(res, path: Path, quiet: bool) -> None:
     """The plan as a PNG beside the report (skipped with a warning when matplotlib is missing)."""
     from .plots import plan_profile
@@ -77,19 +135,6 @@ def _plan_plot(res, path: Path, quiet: bool) -> None:
         click.echo(f"wrote {path}")
 
 
-def _parse_options(values: tuple[str, ...]) -> dict:
-    opts = {}
-    for v in values:
-        key, sep, raw = v.partition("=")
-        if not sep or not key:
-            raise LrcError(f"--method-option {v!r}: expected KEY=VALUE (e.g. --method-option damping=0.01)")
-        try:
-            opts[key] = json.loads(raw)
-        except ValueError:
-            opts[key] = raw
-    return opts
-
-
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lrcompile")
 def main() -> None:
@@ -101,92 +146,14 @@ def main() -> None:
     """
 
 
-@main.command("compile")
+@main.command("compile", cls=SectionedCommand)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output .onnx (default: MODEL.lr.onnx).")
-@click.option("--target", type=click.Choice(["onnx", "ort", "trt"]), default="onnx", show_default=True,
-              help="onnx: write the model; ort: also ORT latency + optimized model; trt: also a TensorRT engine.")
-@click.option("--rank", type=int, help="Fixed rank for every layer.")
-@click.option("--ratio", type=float, help="Keep about this fraction of each weight's parameters (default 0.5).")
-@click.option("--energy", type=float, help="Smallest rank keeping this fraction of spectral energy.")
-@click.option("--max-error", type=float, help="Smallest rank with relative error at most this.")
-@click.option("--params", type=float, help="Global budget: keep this fraction of the candidate weights' "
-              "parameters, ranks allocated across layers where they cost least.")
-@click.option("--flops", type=float, help="Global budget on the candidates' FLOPs at the verification shapes.")
-@click.option("--max-drop", type=float, help="Smallest model whose --metric stays within this of the original's "
-              "(measured on --val, else the calibration data).")
-@click.option("--metric", help="cosine, top1, max-rel, rel-l2, auc, logloss, or script (with --metric-script).")
-@click.option("--metric-output", help="The output the metric reads (default: the first).")
-@click.option("--metric-script", help="User metric FILE.py[:func](outputs, reference, labels) -> float, higher "
-              "is better; runs only when named here.")
-@click.option("--val", help="Validation data for --max-drop (same formats as --calib).")
-@click.option("--val-samples", type=int, help="Use at most this many validation samples.")
-@click.option("--val-labels", help="Labels .npy of the --val rows (default: __labels__ in the --val .npz).")
-@click.option("--allocation", type=click.Choice(["auto", "sensitivity", "error", "threshold"]), default="auto",
-              show_default=True, help="How a global budget is spread: measured sensitivity x error curves "
-              "(auto with --calib), error curves alone, or the data-free spectrum threshold.")
-@click.option("--sensitivity-samples", type=int, default=64, show_default=True,
-              help="Calibration samples per sensitivity measurement.")
-@click.option("--search-steps", type=int, default=8, show_default=True, help="Most models --max-drop measures.")
-@click.option("--latency-aware/--size-only", "latency_aware", default=None,
-              help="Time each layer dense vs factorized (ORT) and keep it dense where factorizing is not "
-                   "faster [default: on for --target ort].")
-@click.option("--latency-batches", default="1,16", show_default=True, help="Batch sizes latency-aware timing uses.")
-@click.option("--timing-cache", help="Timing cache file (default: ~/.cache/lrcompile/timings.json; 'none': off).")
-@click.option("--multiple", type=int, default=8, show_default=True, help="Round ranks to this multiple.")
-@click.option("--method", help="Factorization method: svd, whiten, asvd, fwsvd, afm, kfac "
-              "(default: whiten with --calib, svd without).")
-@click.option("--calib", help="Calibration data: .npz (batched on axis 0), Polygraphy JSON, or loader.py[:func].")
-@click.option("--calib-samples", type=int, help="Use at most this many calibration samples.")
-@click.option("--calib-batch", type=int, default=16, show_default=True, help="Samples per ORT batch (.npz).")
-@click.option("--mask-input", default="auto", show_default=True,
-              help="Input whose zeros mark padding rows ('auto': attention_mask if present; 'none').")
-@click.option("--method-option", "method_options", multiple=True, help="Factorizer option KEY=VALUE (repeatable).")
-@click.option("--layer-method", "layer_methods", multiple=True, help="Per-layer method REGEX=METHOD (repeatable).")
-@click.option("--sequential", is_flag=True, help="Calibrate each layer on the outputs of already-compressed ones "
-              "and fit it to the original's outputs (slower, more accurate).")
-@click.option("--prune-mlp", help="Keep this fraction of each MLP's hidden channels (Linear -> activation "
-              "-> Linear: transformer FFNs, CTR towers), second layer refitted on --calib; the other layers "
-              "follow the rank policy or budget. 'auto': the --params/--flops/--max-drop planner chooses each MLP's "
-              "width with the other layers' ranks, under the one budget.")
-@click.option("--fisher", help="fwsvd: Fisher .npz (weight name -> squared-gradient sums), or 'collect' (torch).")
-@click.option("--labels", help="Labels .npy of the --calib rows, for --fisher collect and the auc/logloss metrics (default: __labels__ in the --calib .npz).")
-@click.option("--loss", type=click.Choice(["auto", "bce", "ce", "mse"]), default="auto", show_default=True,
-              help="Loss for --fisher collect.")
-@click.option("--fisher-output", help="Model output the loss applies to (default: the first).")
-@click.option("--probes", type=int, default=4, show_default=True,
-              help="kfac: random output probes (backward passes) per calibration batch; the probed output is "
-              "--metric-output, else the first.")
-@click.option("--distill", help="Unlabeled data (same formats as --calib, ideally more of it) on which the "
-              "factors are trained to reproduce the original after factorizing (torch: lrcompile[fisher]).")
-@click.option("--distill-samples", type=int, help="Use at most this many --distill samples.")
-@click.option("--distill-batch", type=int, default=32, show_default=True, help="Samples per training step.")
-@click.option("--distill-epochs", type=int, default=2, show_default=True, help="Passes over the --distill data.")
-@click.option("--distill-lr", type=float, default=1e-4, show_default=True, help="Adam learning rate (cosine-decayed).")
-@click.option("--distill-match", type=click.Choice(["outputs", "layers"]), default="outputs", show_default=True,
-              help="What --distill matches: the model outputs, or also every rewritten layer's output.")
-@click.option("--solver", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True)
-@click.option("--only", help="Comma-separated op types to consider (MatMul,Gemm,Conv,Gather).")
-@click.option("--exclude", multiple=True, help="Regex on node names to leave intact (repeatable).")
-@click.option("--include", multiple=True, help="Regex on node names to consider (repeatable).")
-@click.option("--min-params", type=int, default=4096, show_default=True, help="Leave smaller weights intact.")
-@click.option("--keep-unprofitable", is_flag=True, help="Factorize even when the rank saves nothing.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime comparison.")
-@click.option("--tolerance", type=float, help="Fail if any output's relative L2 error exceeds this.")
-@click.option("--min-cosine", type=float, help="Fail if any output's cosine falls below this.")
-@click.option("--inputs", type=click.Path(path_type=Path), help="Verification inputs: .npz or Polygraphy JSON.")
-@click.option("--dim", "dims", multiple=True, help="Dynamic dimension value NAME=INT (repeatable).")
-@click.option("--external-data/--no-external-data", default=None, help="Force external data on/off.")
-@click.option("--fp16", is_flag=True, help="trt: convert the ONNX to fp16 before building.")
-@click.option("--sparse-weights", is_flag=True, help="trt: allow TensorRT sparse (2:4) weight kernels.")
-@click.option("--shapes", help="trt: input shapes, e.g. 'ids:[1,16],[4,128],[8,128]' (min,opt,max).")
+@config_options()
 @click.option("--report", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="Replay the options of a JSON report.")
-@click.option("-v", "--verbose", count=True)
-@click.option("-q", "--quiet", is_flag=True)
-def compile_cmd(model, output, report, config_file, verbose, quiet, no_verify, dims, only, exclude, include,
-                method_options, layer_methods, latency_batches, **kw):
+@log_options
+def compile_cmd(model, output, report, config_file, verbose, quiet, **options):
     """Compile MODEL: factorize, rewrite, verify, and write/build the target."""
     _setup_logging(verbose, quiet)
 
@@ -202,12 +169,7 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, no_verify, d
                 raise LrcError(f"--config {config_file}: not a readable JSON report ({e})") from None
             cfg = CompileConfig.from_dict(data.get("config", data))
         else:
-            cfg = CompileConfig(
-                **kw, verify=not no_verify, dims=_parse_dims(dims),
-                only=tuple(s.strip() for s in only.split(",")) if only else None,
-                exclude=tuple(exclude), include=tuple(include), layer_methods=tuple(layer_methods),
-                method_options=_parse_options(method_options), latency_batches=_parse_batches(latency_batches),
-            )
+            cfg = CompileConfig.from_dict(options)
             if cfg.calib and not cfg.inputs and cfg.verify:
                 log.warning("verifying on random inputs: data-aware factorization is tuned to the calibration "
                             "data, so random inputs overstate its error; pass --inputs with held-out real data")
@@ -270,17 +232,17 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, no_verify, d
 
 @main.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--ratio", type=float, default=0.5, show_default=True, help="Show the rank and error at this ratio.")
-@click.option("--min-params", type=int, default=4096, show_default=True)
+@click.option("--ratio", type=float, default=DEFAULT_RATIO, show_default=True,
+              help="Show the rank and error at this ratio.")
+@config_options("min_params")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("-v", "--verbose", count=True)
-@click.option("-q", "--quiet", is_flag=True)
+@log_options
 def inspect_cmd(model, ratio, min_params, as_json, verbose, quiet):
     """Show candidates, a singular-value summary per layer, and what would be declined and why."""
     _setup_logging(verbose, quiet)
 
     def go():
-        from .inspect import inspect_model, inspect_table
+        from .inspection import inspect_model, inspect_table
         from .report import to_json
 
         rows = inspect_model(model, ratio=ratio, min_params=min_params, progress=not quiet and not as_json)
@@ -323,8 +285,7 @@ def inspect_cmd(model, ratio, min_params, as_json, verbose, quiet):
               "(default: the last whiten one, else the last).")
 @click.option("--keep-models", is_flag=True, help="Keep the compressed models in OUT/models.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@click.option("-v", "--verbose", count=True)
-@click.option("-q", "--quiet", is_flag=True)
+@log_options
 def bench_cmd(target, configs, eval_feed, reference, labels, metric, output_name, calib, calib_labels, eval_rows, only,
               min_params, latency, batch, large_batch, warmup, repeats, large_repeats, min_seconds, trt, plots,
               rank_config, keep_models, out, verbose, quiet):
@@ -346,7 +307,7 @@ def bench_cmd(target, configs, eval_feed, reference, labels, metric, output_name
             cfgs = [c for m in methods for c in parse_config(f"{m}:ratio=0.9,0.7,0.5")]
         common = {}
         if only:
-            common["only"] = tuple(s.strip() for s in only.split(","))
+            common["only"] = coerce("only", only)
         if min_params is not None:
             common["min_params"] = min_params
         res = run_bench(ds, cfgs, out, common=common, latency=latency, batch=batch, large_batch=large_batch,

@@ -2,169 +2,222 @@
 
 The same object drives the CLI and the Python API, and is written into the JSON report so that
 a run can be replayed (``lrcompile compile --config report.json``).
+
+Every option is declared once, as a field made by :func:`opt`: its default, its help text and,
+where they differ from what the field's name and type give, its flag, choices and help section.
+From those declarations come the ``compile`` command's click options (``lrcompile.cli``),
+``docs/cli.md`` (``python -m lrcompile.clidoc``) and :func:`coerce`, the one function that turns
+a user's value (a CLI string, a report's JSON value, a Python object, a bench configuration's
+``KEY=V``) into the field's type. Adding an option is adding a field.
+
+Values: None means the option's default everywhere. For options that take numbers, flags or
+lists, the text ``none`` means None too; for text options it is a value (``--mask-input none``
+and ``--timing-cache none`` turn those off: the one spelling for "off").
 """
 from __future__ import annotations
 
+import json
+import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from typing import Any, Callable, Iterable
 
 from .errors import LrcError
 from .factorize import METHODS, RankPolicy
 
 TARGETS = ("onnx", "ort", "trt")
+#: SVD solvers; the same tuple as ``lrcompile.factorize.svd.SOLVERS`` (a test checks; importing
+#: that module here would load scipy for every ``lrcompile --help``).
 SOLVERS = ("auto", "exact", "randomized")
 ALLOCATIONS = ("auto", "sensitivity", "error", "threshold")
+#: Losses of ``--fisher collect`` (``lrcompile.fisher``).
+LOSSES = ("auto", "bce", "ce", "mse")
 #: What ``--distill`` matches (see ``lrcompile.distill``).
 DISTILL_MATCHES = ("outputs", "layers")
 #: The default method when calibration data is given: the best measured on the test-bed models
 #: (README "Data-aware factorization"); without data the default is plain SVD.
 DEFAULT_WITH_DATA = "whiten"
+#: The rank policy when none of rank / ratio / energy / max_error (nor a budget) is given.
+DEFAULT_RATIO = 0.5
+#: The value that turns a text option off (``--mask-input none``, ``--timing-cache none``).
+OFF = "none"
+#: Help sections of the ``compile`` command, in the order ``--help`` and docs/cli.md show them.
+SECTIONS = ("Target", "Rank policy (per layer)", "Global budget", "Latency", "Method and data", "MLP pruning",
+            "Fisher information and curvature", "Distillation", "Layer selection", "Verification",
+            "Output and TensorRT")
+
+
+def public_methods() -> tuple[str, ...]:
+    """The factorization methods a user may name (registration order)."""
+    return tuple(k for k, v in METHODS.items() if not v.internal)
+
+
+def _metric_names() -> tuple[str, ...]:
+    from .evaluate import METRICS  # loads onnx: only when the names are shown or checked
+
+    return tuple(METRICS)
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one ``CompileConfig`` field meets the user.
+
+    Attributes:
+        help: one paragraph for ``--help`` and docs/cli.md; ``{choices}`` is replaced by the
+            choices, joined with commas.
+        flag: the click declaration (``--no-verify``, ``--latency-aware/--size-only``);
+            default ``--`` + the field name with ``-`` for ``_``.
+        choices: the allowed values (checked by :func:`coerce`, a ``click.Choice`` on the CLI), or
+            a function returning them (shown in the help only; ``__post_init__`` checks them).
+        multiple: the flag is repeatable and each use adds one item (a string is one item);
+            tuple fields that are not repeatable split a string on ``,`` or ``+``.
+        metavar / example: ``NAME=INT`` and ``--dim batch=4`` for help and error messages.
+        section: the help section this field starts (later fields inherit it; see SECTIONS).
+        doc: more detail, for docs/cli.md and readers of this file.
+        cli: False keeps the field off the command line (it is still an API and report option).
+    """
+
+    help: str
+    flag: str | None = None
+    choices: tuple[str, ...] | Callable[[], Iterable[str]] = ()
+    multiple: bool = False
+    metavar: str | None = None
+    example: str | None = None
+    section: str | None = None
+    doc: str = ""
+    cli: bool = True
+
+
+def opt(default: Any, help: str, **option: Any) -> Any:  # noqa: A002
+    """A ``CompileConfig`` field: its default and its :class:`Option` (help, flag, choices...)."""
+    meta = {"option": Option(help=help, **option)}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class CompileConfig:
-    """Options of one compile run.
+    """Options of one compile run; each field's help is in its declaration (and docs/cli.md).
 
-    Attributes:
-        target: ``onnx`` (write the model), ``ort`` (also ONNX Runtime latency + optimized model),
-            ``trt`` (also a TensorRT engine).
-        rank / ratio / energy / max_error: the rank policy (exactly one; default ``ratio=0.5``).
-        multiple: round derived ranks to this multiple (hardware-friendly GEMM tiles).
-        method: factorization method (see ``lrcompile.factorize.METHODS``).
-        solver: SVD solver: auto, exact or randomized.
-        only: op types to consider (None: all supported).
-        exclude: regular expressions; nodes whose name matches any are left intact.
-        include: regular expressions; when given, only nodes whose name matches one are considered.
-        min_params: weights with fewer parameters are left intact (too small to matter).
-        keep_unprofitable: factorize even when the rank saves no parameters (validation runs).
-        seed: seed for randomized solvers and generated verification inputs.
-        verify: run the original and the compressed model in ONNX Runtime and compare.
-        tolerance: fail (exit 3) when any output's relative L2 error exceeds this.
-        min_cosine: fail when any output's cosine similarity falls below this.
-        inputs: verification inputs (.npz or Polygraphy JSON); None: seeded random inputs.
-        dims: values for dynamic input dimensions (``{"batch": 4, "seq": 32}`` by dim name).
-        external_data: force (True) or forbid (False) external data in the output; None: automatic.
-        fp16 / sparse_weights / shapes: TensorRT build options (``trt`` target).
-        calib: calibration data (.npz, Polygraphy JSON, or a ``.py[:func]`` data loader).
-        calib_samples: use at most this many calibration samples (None: all).
-        calib_batch: samples per ONNX Runtime batch when splitting an .npz.
-        mask_input: input whose zeros mark padding rows ("auto": ``attention_mask`` if present,
-            "none": no masking).
-        method_options: extra keyword options for the factorizer (e.g. ``{"damping": 0.01}``).
-        layer_methods: ``("regex=method", ...)``: per-layer method overrides, first match wins.
-        sequential: calibrate each layer on activations produced by the already-compressed
-            layers before it and fit it to the original model's outputs (target correction; one
-            ORT pass of both models per stage) instead of one pass on the original. Under a
-            global budget the ranks come from the one-shot planner, the factors from the stages.
-        prune_mlp: keep this fraction of the hidden channels of every MLP pair (Linear ->
-            channel-wise activation -> Linear, e.g. a transformer FFN or a CTR tower) and refit the
-            second layer (``lrcompile.factorize.channels``); runs before, and is left out of, the
-            low-rank passes, whose rank policy or budget then applies to the other layers (the
-            planner's sensitivities and ``--sequential``'s targets are then measured against the
-            pruned model; verification is always against the original). ``"auto"``: the global
-            budget's planner chooses each pair's width alongside the other layers' ranks (needs
-            ``params``, ``flops`` or ``max_drop``; see ``lrcompile.pruning``).
-        fisher: Fisher information for ``fwsvd``: an .npz of weight name -> summed squared
-            gradients (stored layout), or ``"collect"`` to compute it from the calibration data
-            and labels with torch (``lrcompile[fisher]``).
-        labels / loss / fisher_output: labels (.npy; default ``__labels__`` in the calibration
-            .npz), the loss (auto, bce, ce, mse) and the output it applies to, for ``collect``.
-        probes: ``kfac``: random probes (backward passes) per calibration batch of the Gauss-Newton
-            output curvature; the probed output is ``metric_output``, else the first output.
-        distill: unlabeled data (calibration formats) on which the rewrite's new tensors are
-            trained to reproduce the original model, after factorizing (``lrcompile.distill``;
-            torch); best kept data disjoint from the verification inputs. distill_samples /
-            distill_batch / distill_epochs / distill_lr: how much of it, rows per step, passes,
-            Adam's learning rate; distill_match: ``outputs`` (match the model outputs) or
-            ``layers`` (also every rewritten layer's output).
-
-    Budgets (instead of a per-layer rank policy; see ``lrcompile.planner``):
-        params / flops: keep this fraction of the candidate weights' parameters (or of their
-            FLOPs at the verification shapes), ranks allocated across layers non-uniformly.
-        max_drop: the smallest model whose ``metric`` stays within this of the original's.
-        metric / metric_output / metric_script: what "the metric" is (``lrcompile.evaluate``)
-            for ``max_drop`` and for the sensitivity measurements (default ``rel-l2``).
-        val / val_samples / val_labels: data the ``max_drop`` search is judged on (default: the
-            calibration data), and its labels (.npy; default ``__labels__`` in the .npz).
-        allocation: ``sensitivity`` (per-layer error curves x measured end-to-end sensitivity),
-            ``error`` (error curves alone), ``threshold`` (data-free, WeLore-style), ``auto``
-            (sensitivity with calibration data, else error).
-        sensitivity_samples: calibration samples each sensitivity measurement runs on.
-        search_steps: most models the ``max_drop`` search builds and measures.
-    Latency (``lrcompile.latency``):
-        latency_aware: time each layer dense vs factorized and keep it dense where factorizing
-            is not faster (None: on for ``--target ort``, off otherwise).
-        latency_batches: batch sizes the timing uses (each must be faster); timing_cache: the
-            cache file (None: the default per-user cache; "none": no cache).
-
-    ``method`` None means: ``whiten`` with calibration data, ``svd`` without (see DEFAULTS).
+    Construction coerces every value (:func:`coerce`) and validates the combination; a bad value
+    or combination is an :class:`LrcError` naming the flag. ``method`` None means ``whiten``
+    with calibration data, ``svd`` without; no rank policy and no budget means
+    ``ratio=DEFAULT_RATIO``. The field order is the order of the report's ``config`` keys.
     """
 
-    target: str = "onnx"
-    rank: int | None = None
-    ratio: float | None = None
-    energy: float | None = None
-    max_error: float | None = None
-    multiple: int = 8
-    method: str | None = None
-    solver: str = "auto"
-    only: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] = ()
-    include: tuple[str, ...] = ()
-    min_params: int = 4096
-    keep_unprofitable: bool = False
-    seed: int = 0
-    verify: bool = True
-    tolerance: float | None = None
-    min_cosine: float | None = None
-    inputs: str | None = None
-    dims: dict = field(default_factory=dict)
-    external_data: bool | None = None
-    fp16: bool = False
-    sparse_weights: bool = False
-    shapes: str | None = None
-    calib: str | None = None
-    calib_samples: int | None = None
-    calib_batch: int = 16
-    mask_input: str | None = "auto"
-    method_options: dict = field(default_factory=dict)
-    layer_methods: tuple[str, ...] = ()
-    sequential: bool = False
-    prune_mlp: float | str | None = None
-    fisher: str | None = None
-    labels: str | None = None
-    loss: str = "auto"
-    fisher_output: str | None = None
-    probes: int = 4
-    distill: str | None = None
-    distill_samples: int | None = None
-    distill_batch: int = 32
-    distill_epochs: int = 2
-    distill_lr: float = 1e-4
-    distill_match: str = "outputs"
-    params: float | None = None
-    flops: float | None = None
-    max_drop: float | None = None
-    metric: str | None = None
-    metric_output: str | None = None
-    metric_script: str | None = None
-    val: str | None = None
-    val_samples: int | None = None
-    val_labels: str | None = None
-    allocation: str = "auto"
-    sensitivity_samples: int = 64
-    search_steps: int = 8
-    latency_aware: bool | None = None
-    latency_batches: tuple[int, ...] = (1, 16)
-    timing_cache: str | None = None
+    target: str = opt("onnx", "onnx: write the model; ort: also ORT latency + optimized model; trt: also a TensorRT "
+                      "engine.", choices=TARGETS, section="Target")
+    rank: int | None = opt(None, "Fixed rank for every layer.", section="Rank policy (per layer)")
+    ratio: float | None = opt(None, f"Keep about this fraction of each weight's parameters (default {DEFAULT_RATIO}).")
+    energy: float | None = opt(None, "Smallest rank keeping this fraction of spectral energy.")
+    max_error: float | None = opt(None, "Smallest rank with relative error at most this.")
+    multiple: int = opt(RankPolicy.multiple, "Round ranks to this multiple.",
+                        doc="Derived ranks are rounded to it (hardware-friendly GEMM tiles); 1 disables rounding.")
+    method: str | None = opt(None, "Factorization method: {choices} (default: whiten with --calib, svd without).",
+                             choices=public_methods, section="Method and data")
+    solver: str = opt("auto", "SVD solver.", choices=SOLVERS)
+    only: tuple[str, ...] | None = opt(None, "Comma-separated op types to consider (MatMul,Gemm,Conv,Gather).",
+                                       section="Layer selection", doc="Default: every supported op type.")
+    exclude: tuple[str, ...] = opt((), "Regex on node names to leave intact (repeatable).", multiple=True)
+    include: tuple[str, ...] = opt((), "Regex on node names to consider (repeatable).", multiple=True,
+                                   doc="When given, only nodes whose name matches one are considered.")
+    min_params: int = opt(4096, "Leave smaller weights intact.",
+                          doc="Weights with fewer parameters are too small to matter.")
+    keep_unprofitable: bool = opt(False, "Factorize even when the rank saves nothing.",
+                                  doc="For validation runs.")
+    seed: int = opt(0, "Seed of the randomized solvers and of generated verification inputs.",
+                    section="Verification")
+    verify: bool = opt(True, "Skip the ONNX Runtime comparison.", flag="--no-verify",
+                       doc="Without it the original and the compressed model run in ONNX Runtime and are compared.")
+    tolerance: float | None = opt(None, "Fail if any output's relative L2 error exceeds this.", doc="Exit code 3.")
+    min_cosine: float | None = opt(None, "Fail if any output's cosine falls below this.")
+    inputs: str | None = opt(None, "Verification inputs: .npz or Polygraphy JSON.", metavar="PATH",
+                             doc="Default: seeded random inputs.")
+    dims: dict[str, int] = opt({}, "Value of a dynamic input dimension (repeatable).", flag="--dim", multiple=True,
+                               metavar="NAME=INT", example="--dim batch=4 --dim sequence=128",
+                               doc="Values for dynamic input dimensions, by dimension name.")
+    external_data: bool | None = opt(None, "Force external data on/off.", flag="--external-data/--no-external-data",
+                                     section="Output and TensorRT", doc="Default: automatic (by model size).")
+    fp16: bool = opt(False, "trt: convert the ONNX to fp16 before building.")
+    sparse_weights: bool = opt(False, "trt: allow TensorRT sparse (2:4) weight kernels.")
+    shapes: str | None = opt(None, "trt: input shapes, e.g. 'ids:[1,16],[4,128],[8,128]' (min,opt,max).")
+    calib: str | None = opt(None, "Calibration data: .npz (batched on axis 0), Polygraphy JSON, or loader.py[:func].",
+                            section="Method and data")
+    calib_samples: int | None = opt(None, "Use at most this many calibration samples.", doc="Default: all.")
+    calib_batch: int = opt(16, "Samples per ORT batch (.npz).")
+    mask_input: str = opt("auto", "Input whose zeros mark padding rows ('auto': attention_mask if present; 'none').")
+    method_options: dict[str, Any] = opt({}, "Factorizer option (repeatable).", flag="--method-option",
+                                         multiple=True, metavar="KEY=VALUE",
+                                         example="--method-option damping=0.01",
+                                         doc="VALUE is read as JSON when it parses, else kept as text.")
+    layer_methods: tuple[str, ...] = opt((), "Per-layer method (repeatable; the first matching pattern wins).",
+                                         flag="--layer-method", multiple=True, metavar="REGEX=METHOD",
+                                         example="--layer-method 'attention.*=svd'")
+    sequential: bool = opt(False, "Calibrate each layer on the outputs of already-compressed ones and fit it to the "
+                           "original's outputs (slower, more accurate).",
+                           doc="One ORT pass of both models per stage instead of one pass on the original. Under a "
+                           "global budget the ranks come from the one-shot planner, the factors from the stages.")
+    prune_mlp: float | str | None = opt(
+        None, "Keep this fraction of each MLP's hidden channels (Linear -> activation -> Linear: transformer FFNs, "
+        "CTR towers), second layer refitted on --calib; the other layers follow the rank policy or budget. 'auto': "
+        "the --params/--flops/--max-drop planner chooses each MLP's width with the other layers' ranks, under the "
+        "one budget.", section="MLP pruning",
+        doc="Runs before, and is left out of, the low-rank passes (``lrcompile.factorize.channels``, "
+        "``lrcompile.pruning``); the planner's sensitivities and --sequential's targets are then measured against "
+        "the pruned model, verification always against the original.")
+    fisher: str | None = opt(None, "fwsvd: Fisher .npz (weight name -> squared-gradient sums), or 'collect' (torch).",
+                             section="Fisher information and curvature",
+                             doc="'collect' computes it from the calibration data and labels (``lrcompile[fisher]``).")
+    labels: str | None = opt(None, "Labels .npy of the --calib rows, for --fisher collect and the auc/logloss "
+                             "metrics (default: __labels__ in the --calib .npz).")
+    loss: str = opt("auto", "Loss for --fisher collect.", choices=LOSSES)
+    fisher_output: str | None = opt(None, "Model output the loss applies to (default: the first).")
+    probes: int = opt(4, "kfac: random output probes (backward passes) per calibration batch; the probed output is "
+                      "--metric-output, else the first.")
+    distill: str | None = opt(None, "Unlabeled data (same formats as --calib, ideally more of it) on which the "
+                              "factors are trained to reproduce the original after factorizing (torch: "
+                              "lrcompile[fisher]).", section="Distillation",
+                              doc="Best kept disjoint from the verification inputs (``lrcompile.distill``).")
+    distill_samples: int | None = opt(None, "Use at most this many --distill samples.")
+    distill_batch: int = opt(32, "Samples per training step.")
+    distill_epochs: int = opt(2, "Passes over the --distill data.")
+    distill_lr: float = opt(1e-4, "Adam learning rate (cosine-decayed).")
+    distill_match: str = opt("outputs", "What --distill matches: the model outputs, or also every rewritten layer's "
+                             "output.", choices=DISTILL_MATCHES)
+    params: float | None = opt(None, "Global budget: keep this fraction of the candidate weights' parameters, ranks "
+                               "allocated across layers where they cost least.", section="Global budget",
+                               doc="Instead of a per-layer rank policy (``lrcompile.planner``).")
+    flops: float | None = opt(None, "Global budget on the candidates' FLOPs at the verification shapes.")
+    max_drop: float | None = opt(None, "Smallest model whose --metric stays within this of the original's (measured "
+                                 "on --val, else the calibration data).")
+    metric: str | None = opt(None, "{choices}, or script (with --metric-script).", choices=_metric_names,
+                             doc="What \"the metric\" is (``lrcompile.evaluate``) for --max-drop and for the "
+                             "sensitivity measurements (default rel-l2).")
+    metric_output: str | None = opt(None, "The output the metric reads (default: the first).")
+    metric_script: str | None = opt(None, "User metric FILE.py[:func](outputs, reference, labels) -> float, higher "
+                                    "is better; runs only when named here.")
+    val: str | None = opt(None, "Validation data for --max-drop (same formats as --calib).")
+    val_samples: int | None = opt(None, "Use at most this many validation samples.")
+    val_labels: str | None = opt(None, "Labels .npy of the --val rows (default: __labels__ in the --val .npz).")
+    allocation: str = opt("auto", "How a global budget is spread: measured sensitivity x error curves (auto with "
+                          "--calib), error curves alone, or the data-free spectrum threshold.", choices=ALLOCATIONS)
+    sensitivity_samples: int = opt(64, "Calibration samples per sensitivity measurement.")
+    search_steps: int = opt(8, "Most models --max-drop measures.")
+    latency_aware: bool | None = opt(None, "Time each layer dense vs factorized (ORT) and keep it dense where "
+                                     "factorizing is not faster [default: on for --target ort].",
+                                     flag="--latency-aware/--size-only", section="Latency",
+                                     doc="``lrcompile.latency``.")
+    latency_batches: tuple[int, ...] = opt((1, 16), "Batch sizes latency-aware timing uses.",
+                                           doc="Each must be faster factorized.")
+    timing_cache: str | None = opt(None, "Timing cache file (default: ~/.cache/lrcompile/timings.json; 'none': off).")
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise LrcError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        for f in fields(self):  # frozen: each value set once, here
+            object.__setattr__(self, f.name, coerce(f.name, getattr(self, f.name)))
         for m in [self.method] + [lm.rpartition("=")[2] for lm in self.layer_methods]:
-            if m is not None and (m not in METHODS or METHODS[m].internal):
-                public = sorted(k for k, v in METHODS.items() if not v.internal)
-                raise LrcError(f"unknown method {m!r}; choose one of {', '.join(public)}")
+            if m is not None and m not in public_methods():
+                raise LrcError(f"unknown method {m!r}; choose one of {', '.join(sorted(public_methods()))}")
         for lm in self.layer_methods:
             pat, sep, _ = lm.rpartition("=")
             if not sep or not pat:
@@ -179,16 +232,12 @@ class CompileConfig:
                 raise LrcError(f"method {m!r} needs calibration data: pass --calib FILE")
         if self.fisher == "collect" and not self.calib:
             raise LrcError("--fisher collect computes gradients on calibration data: pass --calib FILE")
-        if self.loss not in ("auto", "bce", "ce", "mse"):
-            raise LrcError(f"--loss {self.loss!r}: choose auto, bce, ce or mse")
         if self.probes < 1:
             raise LrcError(f"--probes {self.probes}: give at least one probe per calibration batch")
         if self.calib_samples is not None and self.calib_samples < 1:
             raise LrcError("--calib-samples must be >= 1")
         if self.calib_batch < 1:
             raise LrcError("--calib-batch must be >= 1")
-        if self.solver not in SOLVERS:
-            raise LrcError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
         self._check_budget()
         try:
             self.policy()
@@ -213,7 +262,7 @@ class CompileConfig:
     def _check_budget(self) -> None:
         budgets = [n for n in ("params", "flops", "max_drop") if getattr(self, n) is not None]
         rules = [n for n in ("rank", "ratio", "energy", "max_error") if getattr(self, n) is not None]
-        flag = lambda n: "--" + n.replace("_", "-")  # noqa: E731
+        flag = flag_of
         if len(budgets) > 1 or (budgets and rules):
             raise LrcError(f"{' and '.join(map(flag, budgets + rules))} each set the ranks: pass only one")
         for n in ("params", "flops"):
@@ -237,12 +286,8 @@ class CompileConfig:
         if self.sequential and self.max_drop is not None:
             raise LrcError("--max-drop measures one-shot models in its search, so it cannot promise the drop of a "
                            "--sequential one; use --sequential with --params or --flops")
-        if isinstance(self.prune_mlp, str) and self.prune_mlp != "auto":
-            try:
-                object.__setattr__(self, "prune_mlp", float(self.prune_mlp))  # frozen: set once, here
-            except ValueError:
-                raise LrcError(f"--prune-mlp {self.prune_mlp!r}: give a fraction of MLP hidden channels to keep, "
-                               f"or auto") from None
+        if isinstance(self.prune_mlp, str) and self.prune_mlp != "auto":  # coerce() keeps words that are no number
+            raise LrcError(f"--prune-mlp {self.prune_mlp!r}: give a fraction of MLP hidden channels to keep, or auto")
         if self.prune_mlp is not None:
             if self.prune_mlp != "auto" and not 0 < self.prune_mlp <= 1:
                 raise LrcError(f"--prune-mlp {self.prune_mlp}: give the fraction of MLP hidden channels to keep, "
@@ -266,20 +311,12 @@ class CompileConfig:
             raise LrcError("--distill-batch and --distill-epochs must be >= 1")
         if not self.distill_lr > 0:
             raise LrcError(f"--distill-lr {self.distill_lr}: give a positive learning rate (e.g. 1e-4)")
-        if self.distill_match not in DISTILL_MATCHES:
-            raise LrcError(f"--distill-match {self.distill_match!r}: choose {' or '.join(DISTILL_MATCHES)}")
-        if self.allocation not in ALLOCATIONS:
-            raise LrcError(f"--allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         if self.allocation == "sensitivity" and not self.calib:
             raise LrcError("--allocation sensitivity measures layers on calibration data: pass --calib")
         if self.sensitivity_samples < 1 or self.search_steps < 1:
             raise LrcError("--sensitivity-samples and --search-steps must be >= 1")
         if self.val_samples is not None and self.val_samples < 1:
             raise LrcError("--val-samples must be >= 1")
-        try:
-            object.__setattr__(self, "latency_batches", tuple(int(b) for b in self.latency_batches))
-        except (TypeError, ValueError):
-            raise LrcError(f"--latency-batches {self.latency_batches!r}: give integers (e.g. 1,16)") from None
         if not self.latency_batches or any(b < 1 for b in self.latency_batches):
             raise LrcError(f"--latency-batches {list(self.latency_batches)}: give batch sizes >= 1 (e.g. 1,16)")
 
@@ -320,25 +357,245 @@ class CompileConfig:
     def policy(self) -> RankPolicy:
         given = {n: getattr(self, n) for n in ("rank", "ratio", "energy", "max_error") if getattr(self, n) is not None}
         if not given:
-            given = {"ratio": 0.5}
+            given = {"ratio": DEFAULT_RATIO}
         return RankPolicy(multiple=self.multiple, **given)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["only"] = list(self.only) if self.only is not None else None
-        d["exclude"], d["include"] = list(self.exclude), list(self.include)
-        d["layer_methods"] = list(self.layer_methods)
-        d["latency_batches"] = list(self.latency_batches)
-        return d
+        """The options as JSON values (tuples as lists), in field order: the report's ``config``."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CompileConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
+        """A config from option names (``-`` may stand for ``_``) and values in any form :func:`coerce` takes:
+        a report's ``config``, ``lrcompile.compile()``'s keyword options, the CLI's raw values."""
+        d = {str(k).replace("-", "_"): v for k, v in d.items()}
+        unknown = sorted(set(d) - set(_specs()))
         if unknown:
-            raise LrcError(f"unknown option(s) in config: {unknown}")
-        d = dict(d)
-        for k in ("only", "exclude", "include", "layer_methods", "latency_batches"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
+            import difflib
+
+            hints = [m for u in unknown for m in difflib.get_close_matches(u, _specs(), n=1)]
+            raise LrcError(f"unknown option(s) in config: {unknown}" + (f"; did you mean {hints}?" if hints else ""))
         return cls(**d)
+
+
+# ------------------------------------------------------------------ options: specs and coercion
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One field's :class:`Option` with what its declaration implies.
+
+    Attributes:
+        kind: ``bool``, ``int``, ``float``, ``str``, ``number-or-word`` (``float | str``),
+            ``tuple`` or ``dict``, read from the field's annotation.
+        item: the item type of a tuple (``str``, ``int``) or the value type of a dict (``int``,
+            ``Any``: JSON when it parses, else text).
+        optional: the annotation admits None.
+        section: the help section (the last ``section=`` at or before this field).
+        decl: the click declaration; ``flag`` its first flag, the name messages use.
+        inverted: a boolean whose only flag sets it False (``--no-verify``).
+    """
+
+    name: str
+    option: Option
+    kind: str
+    item: str | None
+    optional: bool
+    section: str
+    decl: str
+    flag: str
+    inverted: bool
+    field: Field
+
+    @property
+    def default(self) -> Any:
+        return self.field.default_factory() if self.field.default is MISSING else self.field.default
+
+
+_KINDS = {"bool", "int", "float", "str"}
+
+
+def _kind(name: str, annotation: str) -> tuple[str, str | None, bool]:
+    parts = [p.strip() for p in annotation.split("|")]
+    optional = "None" in parts
+    parts = [p for p in parts if p != "None"]
+    if parts == ["float", "str"]:
+        return "number-or-word", None, optional
+    m = re.fullmatch(r"(tuple|dict)\[(?:str, )?(str|int|Any)(?:, \.\.\.)?\]", parts[0]) if len(parts) == 1 else None
+    if m:
+        return m[1], m[2], optional
+    if len(parts) == 1 and parts[0] in _KINDS:
+        return parts[0], None, optional
+    raise TypeError(f"CompileConfig.{name}: coerce() has no rule for the annotation {annotation!r}")
+
+
+_SPECS: dict[str, Spec] = {}
+
+
+def _specs() -> dict[str, Spec]:
+    """Every field's :class:`Spec`, in field order (built once)."""
+    if not _SPECS:
+        section = None
+        for f in fields(CompileConfig):
+            o = f.metadata.get("option")
+            if o is None:
+                raise TypeError(f"CompileConfig.{f.name} is not declared with opt(): give it a help text")
+            section = o.section or section
+            if section not in SECTIONS:
+                raise TypeError(f"CompileConfig.{f.name}: section {section!r} is not one of SECTIONS")
+            kind, item, optional = _kind(f.name, str(f.type))
+            decl = o.flag or "--" + f.name.replace("_", "-")
+            flag = decl.split("/")[0]
+            inverted = kind == "bool" and "/" not in decl and f.default is True
+            _SPECS[f.name] = Spec(f.name, o, kind, item, optional, section, decl, flag, inverted, f)
+    return _SPECS
+
+
+def specs() -> list[Spec]:
+    """The options of ``CompileConfig``, in field order."""
+    return list(_specs().values())
+
+
+def default(name: str) -> Any:
+    """The default of option ``name`` (a fresh dict for dict options)."""
+    return _specs()[name].default
+
+
+def flag_of(name: str) -> str:
+    """The flag that names option ``name`` in messages (``--max-drop``, ``--dim``)."""
+    return _specs()[name].flag
+
+
+def choices_of(name: str) -> tuple[str, ...]:
+    """The choices of option ``name`` (() when it has none)."""
+    c = _specs()[name].option.choices
+    return tuple(c() if callable(c) else c)
+
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _either(words: Iterable[str]) -> str:
+    words = list(words)
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _scalar(kind: str, v: Any, label: str) -> Any:
+    import numbers
+
+    if kind == "bool":
+        if isinstance(v, (bool, int)) and v in (0, 1):
+            return bool(v)
+        if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
+            return v.strip().lower() in _TRUE
+        raise LrcError(f"{label} {v!r}: not a valid boolean (give 1/0, true/false, yes/no or on/off)")
+    if kind == "int":
+        if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+            return int(v)
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, str):
+            try:
+                return int(v.strip())
+            except ValueError:
+                pass
+        raise LrcError(f"{label} {v!r}: not a valid integer")
+    if kind in ("float", "number-or-word"):
+        if isinstance(v, numbers.Real) and not isinstance(v, bool):
+            return float(v)
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                if kind == "number-or-word" and v.strip():
+                    return v.strip()
+        raise LrcError(f"{label} {v!r}: not a valid number")
+    if isinstance(v, (str, os.PathLike)):
+        return os.fspath(v)
+    raise LrcError(f"{label} {v!r}: expected text")
+
+
+def _tuple(s: Spec, v: Any, label: str) -> tuple:
+    if isinstance(v, str):
+        items = [v] if s.option.multiple else [p.strip() for p in re.split(r"[,+]", v) if p.strip()]
+    elif isinstance(v, (list, tuple)):
+        items = list(v)
+    else:
+        raise LrcError(f"{label} {v!r}: expected a list")
+    if s.item == "int":
+        try:
+            return tuple(_scalar("int", x, label) for x in items)
+        except LrcError:
+            example = s.option.example or ",".join(map(str, s.default)) or "1,2"
+            raise LrcError(f"{label} {v!r}: expected comma-separated integers (e.g. {example})") from None
+    return tuple(_scalar("str", x, label) for x in items)
+
+
+def _dict(s: Spec, v: Any, label: str) -> dict:
+    def bad(item):
+        return LrcError(f"{label} {item!r}: expected {s.option.metavar or 'KEY=VALUE'}"
+                        + (f" (e.g. {s.option.example})" if s.option.example else ""))
+
+    def value(raw, item):
+        if s.item == "int":
+            if isinstance(raw, str) and raw.strip().isdigit():
+                return int(raw)
+            if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+                return raw
+            raise bad(item)
+        if isinstance(raw, str):
+            try:
+                return json.loads(raw)
+            except ValueError:
+                return raw
+        return raw
+
+    if isinstance(v, str) and v.lstrip().startswith("{"):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            raise bad(v) from None
+    if isinstance(v, dict):
+        return {str(k): value(x, f"{k}={x}") for k, x in v.items()}
+    out = {}
+    for item in [v] if isinstance(v, str) else v if isinstance(v, (list, tuple)) else [v]:
+        key, sep, raw = item.partition("=") if isinstance(item, str) else ("", "", "")
+        if not sep or not key:
+            raise bad(item)
+        out[key] = value(raw, item)
+    return out
+
+
+def coerce(name: str, value: Any, *, label: str | None = None) -> Any:
+    """``value`` as option ``name``'s type: the one conversion of user values.
+
+    ``lrcompile.compile()``, ``CompileConfig.from_dict`` (``--config`` replay), the CLI and bench
+    configurations all come here (``CompileConfig.__post_init__`` applies it to every field).
+    None, and the text ``none`` for options that are not text, give the default. Numbers and
+    flags parse from text (``"16"``, ``"0.5"``, ``"yes"``); lists from a list or a text split on
+    ``,`` or ``+`` (``"1,16"``, ``"MatMul+Gemm"``), except repeatable options, where a text is one
+    item (a pattern may hold ``,`` or ``+``); dicts from a dict, JSON text, or ``KEY=VALUE``
+    texts; paths become text. Idempotent.
+
+    Args:
+        name: a ``CompileConfig`` field.
+        value: the user's value.
+        label: how messages name the option (default: its flag).
+
+    Raises:
+        LrcError: a value the option cannot take, naming the option and the value.
+    """
+    s = _specs()[name]
+    label = label or (s.name if s.inverted else s.flag)
+    if isinstance(value, str) and s.kind != "str" and value.strip().lower() == OFF:
+        value = None
+    if value is None:
+        return s.default
+    if s.kind == "tuple":
+        return _tuple(s, value, label)
+    if s.kind == "dict":
+        return _dict(s, value, label)
+    v = _scalar(s.kind, value, label)
+    if isinstance(s.option.choices, tuple) and s.option.choices and v not in s.option.choices:
+        raise LrcError(f"{label} {v!r}: choose {_either(s.option.choices)}")
+    return v

@@ -11,7 +11,7 @@ from .io import load_model
 from .pipeline import analyze
 
 
-def spectrum_summary(m: np.ndarray, ratio: float, multiple: int = 8) -> dict:
+def spectrum_summary(m: np.ndarray, ratio: float, multiple: int = RankPolicy.multiple) -> dict:
     """Energy ranks, the rank a ratio policy gives and its relative error, from the full spectrum."""
     from .factorize.svd import choose_rank, singular_values
 
@@ -33,9 +33,15 @@ def spectrum_summary(m: np.ndarray, ratio: float, multiple: int = 8) -> dict:
     }
 
 
-def inspect_model(path, *, ratio: float = 0.5, min_params: int = 4096, progress: bool = False) -> list[dict]:
+def inspect_model(path, *, ratio: float | None = None, min_params: int | None = None,
+                  progress: bool = False) -> list[dict]:
+    """One row per candidate (its spectrum summary at ``ratio``) and per declined node.
+
+    ``ratio`` and ``min_params`` are the compile options of those names; None means their default."""
     model = load_model(path)
-    analysis = analyze(model, CompileConfig(ratio=ratio, min_params=min_params))
+    config = CompileConfig(ratio=ratio, min_params=min_params)
+    ratio = config.policy().ratio
+    analysis = analyze(model, config)
     rows, seen = [], {}
     for c in tqdm(analysis.candidates, desc="spectra", disable=None if progress else True, leave=False):
         row = {"node": c.label, "op": c.node.op, "shape": list(c.matrices[0].shape), "groups": len(c.matrices),
@@ -43,7 +49,7 @@ def inspect_model(path, *, ratio: float = 0.5, min_params: int = 4096, progress:
         if c.weight_key in seen:
             row.update(seen[c.weight_key], reason="shares its weight with an earlier node")
         else:
-            summ = spectrum_summary(c.matrices[0], ratio)
+            summ = spectrum_summary(c.matrices[0], ratio, config.multiple)
             seen[c.weight_key] = summ
             row.update(summ)
         if row["ratio_rank"] >= row["break_even"]:
