@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .config import DEFAULT_RATIO, SECTIONS, Spec, choices_of, coerce, specs
+from .config import DEFAULT_RATIO, SECTIONS, Spec, coerce, specs
 from .errors import LrcError, VerificationFailed
 
 log = logging.getLogger("lrcompile")
@@ -40,7 +40,7 @@ class FieldOption(click.Option):
 
     def get_help_record(self, ctx):
         if self.help and "{choices}" in self.help:
-            self.help = self.help.replace("{choices}", ", ".join(choices_of(self.spec.name)))
+            self.help = self.help.replace("{choices}", ", ".join(self.spec.choices))
         return super().get_help_record(ctx)
 
 
@@ -70,9 +70,10 @@ def _field_option(s: Spec):
     return click.option(s.decl, s.name, **kw)
 
 
-def config_options(*names: str):
-    """Decorate a command with the click options of the ``CompileConfig`` fields (all, or ``names``)."""
-    chosen = [s for s in specs() if s.option.cli and (not names or s.name in names)]
+def config_options(*names: str, cls: type | None = None):
+    """Decorate a command with the click options of the ``CompileConfig`` fields (all, or ``names``;
+    ``cls``: a subclass that adds fields)."""
+    chosen = [s for s in specs(cls) if s.option.cli and (not names or s.name in names)]
 
     def decorate(fn):
         for s in reversed(chosen):

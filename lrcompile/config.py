@@ -135,10 +135,10 @@ class CompileConfig:
     inputs: str | None = opt(None, "Verification inputs: .npz or Polygraphy JSON.", metavar="PATH",
                              doc="Default: seeded random inputs.")
     dims: dict[str, int] = opt({}, "Value of a dynamic input dimension (repeatable).", flag="--dim", multiple=True,
-                               metavar="NAME=INT", example="--dim batch=4 --dim sequence=128",
-                               doc="Values for dynamic input dimensions, by dimension name.")
+                               metavar="NAME=INT", example="--dim batch=4 --dim sequence=128")
     external_data: bool | None = opt(None, "Force external data on/off.", flag="--external-data/--no-external-data",
-                                     section="Output and TensorRT", doc="Default: automatic (by model size).")
+                                     section="Output and TensorRT",
+                                     doc="Default: external when the weights are too large for one protobuf file.")
     fp16: bool = opt(False, "trt: convert the ONNX to fp16 before building.")
     sparse_weights: bool = opt(False, "trt: allow TensorRT sparse (2:4) weight kernels.")
     shapes: str | None = opt(None, "trt: input shapes, e.g. 'ids:[1,16],[4,128],[8,128]' (min,opt,max).")
@@ -207,14 +207,14 @@ class CompileConfig:
     latency_aware: bool | None = opt(None, "Time each layer dense vs factorized (ORT) and keep it dense where "
                                      "factorizing is not faster [default: on for --target ort].",
                                      flag="--latency-aware/--size-only", section="Latency",
-                                     doc="``lrcompile.latency``.")
+                                     doc="See ``lrcompile.latency``.")
     latency_batches: tuple[int, ...] = opt((1, 16), "Batch sizes latency-aware timing uses.",
                                            doc="Each must be faster factorized.")
     timing_cache: str | None = opt(None, "Timing cache file (default: ~/.cache/lrcompile/timings.json; 'none': off).")
 
     def __post_init__(self) -> None:
         for f in fields(self):  # frozen: each value set once, here
-            object.__setattr__(self, f.name, coerce(f.name, getattr(self, f.name)))
+            object.__setattr__(self, f.name, coerce(f.name, getattr(self, f.name), cls=type(self)))
         for m in [self.method] + [lm.rpartition("=")[2] for lm in self.layer_methods]:
             if m is not None and m not in public_methods():
                 raise LrcError(f"unknown method {m!r}; choose one of {', '.join(sorted(public_methods()))}")
@@ -369,11 +369,12 @@ class CompileConfig:
         """A config from option names (``-`` may stand for ``_``) and values in any form :func:`coerce` takes:
         a report's ``config``, ``lrcompile.compile()``'s keyword options, the CLI's raw values."""
         d = {str(k).replace("-", "_"): v for k, v in d.items()}
-        unknown = sorted(set(d) - set(_specs()))
+        names = _specs(cls)
+        unknown = sorted(set(d) - set(names))
         if unknown:
             import difflib
 
-            hints = [m for u in unknown for m in difflib.get_close_matches(u, _specs(), n=1)]
+            hints = [m for u in unknown for m in difflib.get_close_matches(u, names, n=1)]
             raise LrcError(f"unknown option(s) in config: {unknown}" + (f"; did you mean {hints}?" if hints else ""))
         return cls(**d)
 
@@ -411,6 +412,12 @@ class Spec:
     def default(self) -> Any:
         return self.field.default_factory() if self.field.default is MISSING else self.field.default
 
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The allowed values (() when any), read from the registry where it is a function."""
+        c = self.option.choices
+        return tuple(c() if callable(c) else c)
+
 
 _KINDS = {"bool", "int", "float", "str"}
 
@@ -426,34 +433,37 @@ def _kind(name: str, annotation: str) -> tuple[str, str | None, bool]:
         return m[1], m[2], optional
     if len(parts) == 1 and parts[0] in _KINDS:
         return parts[0], None, optional
-    raise TypeError(f"CompileConfig.{name}: coerce() has no rule for the annotation {annotation!r}")
+    raise TypeError(f"option {name}: coerce() has no rule for the annotation {annotation!r}")
 
 
-_SPECS: dict[str, Spec] = {}
+_SPECS: dict[type, dict[str, Spec]] = {}
 
 
-def _specs() -> dict[str, Spec]:
-    """Every field's :class:`Spec`, in field order (built once)."""
-    if not _SPECS:
-        section = None
-        for f in fields(CompileConfig):
+def _specs(cls: type | None = None) -> dict[str, Spec]:
+    """Every field's :class:`Spec`, in field order (built once per class: ``CompileConfig``, or a
+    subclass that adds fields)."""
+    cls = cls or CompileConfig
+    if cls not in _SPECS:
+        section, out = None, {}
+        for f in fields(cls):
             o = f.metadata.get("option")
             if o is None:
-                raise TypeError(f"CompileConfig.{f.name} is not declared with opt(): give it a help text")
+                raise TypeError(f"{cls.__name__}.{f.name} is not declared with opt(): give it a help text")
             section = o.section or section
             if section not in SECTIONS:
-                raise TypeError(f"CompileConfig.{f.name}: section {section!r} is not one of SECTIONS")
+                raise TypeError(f"{cls.__name__}.{f.name}: section {section!r} is not one of SECTIONS")
             kind, item, optional = _kind(f.name, str(f.type))
             decl = o.flag or "--" + f.name.replace("_", "-")
             flag = decl.split("/")[0]
             inverted = kind == "bool" and "/" not in decl and f.default is True
-            _SPECS[f.name] = Spec(f.name, o, kind, item, optional, section, decl, flag, inverted, f)
-    return _SPECS
+            out[f.name] = Spec(f.name, o, kind, item, optional, section, decl, flag, inverted, f)
+        _SPECS[cls] = out
+    return _SPECS[cls]
 
 
-def specs() -> list[Spec]:
-    """The options of ``CompileConfig``, in field order."""
-    return list(_specs().values())
+def specs(cls: type | None = None) -> list[Spec]:
+    """The options of ``CompileConfig`` (or of a subclass), in field order."""
+    return list(_specs(cls).values())
 
 
 def default(name: str) -> Any:
@@ -468,8 +478,7 @@ def flag_of(name: str) -> str:
 
 def choices_of(name: str) -> tuple[str, ...]:
     """The choices of option ``name`` (() when it has none)."""
-    c = _specs()[name].option.choices
-    return tuple(c() if callable(c) else c)
+    return _specs()[name].choices
 
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -566,7 +575,7 @@ def _dict(s: Spec, v: Any, label: str) -> dict:
     return out
 
 
-def coerce(name: str, value: Any, *, label: str | None = None) -> Any:
+def coerce(name: str, value: Any, *, label: str | None = None, cls: type | None = None) -> Any:
     """``value`` as option ``name``'s type: the one conversion of user values.
 
     ``lrcompile.compile()``, ``CompileConfig.from_dict`` (``--config`` replay), the CLI and bench
@@ -581,11 +590,12 @@ def coerce(name: str, value: Any, *, label: str | None = None) -> Any:
         name: a ``CompileConfig`` field.
         value: the user's value.
         label: how messages name the option (default: its flag).
+        cls: ``CompileConfig`` (default) or a subclass that adds fields.
 
     Raises:
         LrcError: a value the option cannot take, naming the option and the value.
     """
-    s = _specs()[name]
+    s = _specs(cls)[name]
     label = label or (s.name if s.inverted else s.flag)
     if isinstance(value, str) and s.kind != "str" and value.strip().lower() == OFF:
         value = None

@@ -1,21 +1,39 @@
-"""The command line: each bad input gives one line and an exit code, and leaves no output file."""
+"""The command line: each bad input gives one line and an exit code, and leaves no output file.
+
+The commands run in-process (click's runner); two tests run the installed ``lrcompile`` entry
+point in a subprocess, since that is what users type.
+"""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from onnx import helper
 
 from helpers import make_model, save, trained_like, vi
+from lrcompile.cli import main
 
 
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "lrcompile.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+def cli(*args):
+    """``lrcompile ARGS`` in this process: returncode, stdout and stderr as a subprocess gives them."""
+    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
+
+
+def entry_point(*args):
+    """The installed ``lrcompile`` script (``python -m lrcompile.cli`` where it is not on the PATH)."""
+    exe = Path(sys.executable).with_name("lrcompile")
+    exe = str(exe) if exe.is_file() else shutil.which("lrcompile")
+    cmd = [exe] if exe else [sys.executable, "-m", "lrcompile.cli"]
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture()
@@ -34,9 +52,18 @@ def one_line_error(r, code=2, match=""):
     assert match in lines[0], lines[0]
 
 
+def test_entry_point_help():
+    r = entry_point("--help")
+    assert r.returncode == 0, r.stderr
+    assert "inspect" in r.stdout and "compile" in r.stdout
+    r = entry_point("compile", "--help")
+    assert r.returncode == 0 and "--latency-aware / --size-only" in r.stdout and "[default: 4096]" in r.stdout
+
+
 def test_compile_default_command_and_report(tmp_path, mlp):
+    """Through the installed entry point; the replay runs in-process, and must give the same bytes."""
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
-    r = cli(mlp, "-o", out, "--ratio", "0.5", "--report", rep, "-q")
+    r = entry_point(mlp, "-o", out, "--ratio", "0.5", "--report", rep, "-q")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "PASSED"
     report = json.loads(rep.read_text())
@@ -165,6 +192,9 @@ def test_never_overwrites_input(tmp_path, mlp):
     (["--only", "Softmax"], "unsupported op"),
     (["--method", "magic"], "unknown method"),
     (["--dim", "batch"], "NAME=INT"),
+    (["--latency-batches", "1,x"], "comma-separated integers"),
+    (["--method-option", "damping"], "KEY=VALUE"),
+    (["--prune-mlp", "most"], "--prune-mlp 'most'"),
 ])
 def test_bad_options(tmp_path, mlp, args, match):
     one_line_error(cli(mlp, "-o", tmp_path / "o.onnx", *args), match=match)
