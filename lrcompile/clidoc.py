@@ -45,6 +45,18 @@ def _md(text: str) -> str:
     return "".join(out)
 
 
+def _extras(help_: str) -> tuple[str, str]:
+    """Click's trailing ``  [default: 8; required]`` as a sentence: ``Default: `8`; required.``"""
+    m = re.fullmatch(r"(.*?)\s*\[((?:default|required)[^\[\]]*)\]", help_, flags=re.S)
+    if not m:
+        return help_, ""
+    parts = []
+    for e in m[2].split("; "):
+        key, sep, value = e.partition(": ")
+        parts.append(key.capitalize() + (f": `{value}`" if sep else ""))
+    return m[1], " " + "; ".join(parts) + "."
+
+
 def _help(cmd: click.Command) -> str:
     lines = [ln for ln in (cmd.help or "").splitlines() if ln.strip() != "\b"]
     return "\n".join(ln.strip() for ln in lines).strip()
@@ -57,11 +69,7 @@ def _option_lines(ctx: click.Context, params) -> list[str]:
         if rec is None:
             continue
         flags, help_ = rec
-        extras = ""
-        m = re.fullmatch(r"(.*?)\s*\[([^\[\]]*)\]", help_, flags=re.S)
-        if m and re.match(r"(default|required)", m[2]):  # click's "  [default: 8]": last, as a sentence
-            help_, extras = m[1], " " + "; ".join(e[:1].upper() + e[1:].replace(": ", ": `", 1) + ("`" if ": " in e else "")
-                                                  for e in m[2].split("; ")) + "."
+        help_, extras = _extras(help_)
         spec = getattr(p, "spec", None)
         name = f" (`{spec.name}`)" if spec is not None else ""
         doc = f" {spec.option.doc}" if spec is not None and spec.option.doc else ""

@@ -262,18 +262,17 @@ class CompileConfig:
     def _check_budget(self) -> None:
         budgets = [n for n in ("params", "flops", "max_drop") if getattr(self, n) is not None]
         rules = [n for n in ("rank", "ratio", "energy", "max_error") if getattr(self, n) is not None]
-        flag = flag_of
         if len(budgets) > 1 or (budgets and rules):
-            raise LrcError(f"{' and '.join(map(flag, budgets + rules))} each set the ranks: pass only one")
+            raise LrcError(f"{' and '.join(map(flag_of, budgets + rules))} each set the ranks: pass only one")
         for n in ("params", "flops"):
             v = getattr(self, n)
             if v is not None and not 0 < v <= 1:
-                raise LrcError(f"{flag(n)} {v}: give the fraction to keep, in (0, 1] (e.g. {flag(n)} 0.5)")
+                raise LrcError(f"{flag_of(n)} {v}: give the fraction to keep, in (0, 1] (e.g. {flag_of(n)} 0.5)")
         if self.max_drop is not None:
             if not self.max_drop >= 0:
                 raise LrcError(f"--max-drop {self.max_drop}: must be >= 0")
             if self.metric is None:
-                raise LrcError("--max-drop needs --metric NAME (cosine, top1, max-rel, rel-l2, auc, logloss, script)")
+                raise LrcError(f"--max-drop needs --metric NAME ({', '.join(choices_of('metric'))}, script)")
             if not (self.calib or self.val):
                 raise LrcError("--max-drop measures the metric on data: pass --calib (and optionally --val)")
         if self.metric is not None:
@@ -391,7 +390,6 @@ class Spec:
             ``tuple`` or ``dict``, read from the field's annotation.
         item: the item type of a tuple (``str``, ``int``) or the value type of a dict (``int``,
             ``Any``: JSON when it parses, else text).
-        optional: the annotation admits None.
         section: the help section (the last ``section=`` at or before this field).
         decl: the click declaration; ``flag`` its first flag, the name messages use.
         inverted: a boolean whose only flag sets it False (``--no-verify``).
@@ -401,7 +399,6 @@ class Spec:
     option: Option
     kind: str
     item: str | None
-    optional: bool
     section: str
     decl: str
     flag: str
@@ -422,17 +419,17 @@ class Spec:
 _KINDS = {"bool", "int", "float", "str"}
 
 
-def _kind(name: str, annotation: str) -> tuple[str, str | None, bool]:
-    parts = [p.strip() for p in annotation.split("|")]
-    optional = "None" in parts
-    parts = [p for p in parts if p != "None"]
+def _kind(name: str, annotation: str) -> tuple[str, str | None]:
+    """(kind, item) from a field's annotation (a string: ``from __future__ import annotations``);
+    None is allowed to every field, meaning its default."""
+    parts = [p.strip() for p in annotation.split("|") if p.strip() != "None"]
     if parts == ["float", "str"]:
-        return "number-or-word", None, optional
+        return "number-or-word", None
     m = re.fullmatch(r"(tuple|dict)\[(?:str, )?(str|int|Any)(?:, \.\.\.)?\]", parts[0]) if len(parts) == 1 else None
     if m:
-        return m[1], m[2], optional
+        return m[1], m[2]
     if len(parts) == 1 and parts[0] in _KINDS:
-        return parts[0], None, optional
+        return parts[0], None
     raise TypeError(f"option {name}: coerce() has no rule for the annotation {annotation!r}")
 
 
@@ -452,11 +449,11 @@ def _specs(cls: type | None = None) -> dict[str, Spec]:
             section = o.section or section
             if section not in SECTIONS:
                 raise TypeError(f"{cls.__name__}.{f.name}: section {section!r} is not one of SECTIONS")
-            kind, item, optional = _kind(f.name, str(f.type))
+            kind, item = _kind(f.name, str(f.type))
             decl = o.flag or "--" + f.name.replace("_", "-")
             flag = decl.split("/")[0]
             inverted = kind == "bool" and "/" not in decl and f.default is True
-            out[f.name] = Spec(f.name, o, kind, item, optional, section, decl, flag, inverted, f)
+            out[f.name] = Spec(f.name, o, kind, item, section, decl, flag, inverted, f)
         _SPECS[cls] = out
     return _SPECS[cls]
 
