@@ -410,7 +410,7 @@ def weight_spectra(model_path: Path, count: int, common: dict) -> dict[str, np.n
     """Singular values of ``count`` candidate weights spread over the graph (first group of each)."""
     from .config import CompileConfig
     from .io import load_model
-    from .pipeline import analyze
+    from .engine import analyze
 
     cands = analyze(load_model(model_path), CompileConfig(**common)).candidates
     seen, uniq = set(), []

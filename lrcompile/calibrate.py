@@ -64,7 +64,7 @@ class CalibSource:
     flag: str = "--calib"  # the option named in messages
 
 
-def _rows(feed: dict[str, np.ndarray]) -> int:
+def feed_rows(feed: dict[str, np.ndarray]) -> int:
     return int(next(iter(feed.values())).shape[0]) if feed else 0
 
 
@@ -78,7 +78,7 @@ def iter_calibration(src: CalibSource, model: onnx.ModelProto) -> Iterator[dict[
     for feed in _raw_batches(path, func or "load_data", src.batch_size, model, src.flag):
         if left <= 0:
             return
-        n = _rows(feed)
+        n = feed_rows(feed)
         if n > left:
             feed = {k: v[: int(left)] for k, v in feed.items()}
             n = int(left)
@@ -116,16 +116,6 @@ def _raw_batches(path: Path, func: str, batch_size: int, model: onnx.ModelProto,
         raise LrcError(f"{flag} {path}: unknown type {path.suffix!r}; use .npz, Polygraphy .json or a .py loader")
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
-    return m
-
-
 def feed_mask(feed: dict[str, np.ndarray], mask_input: str | None) -> np.ndarray | None:
     """The boolean keep-mask of one batch (``mask_input != 0``), or None without a mask input."""
     if mask_input is None:
@@ -135,7 +125,7 @@ def feed_mask(feed: dict[str, np.ndarray], mask_input: str | None) -> np.ndarray
     return np.asarray(feed[mask_input]) != 0
 
 
-def _row_mask(mask: np.ndarray | None, lead: tuple[int, ...]) -> np.ndarray | None:
+def row_mask(mask: np.ndarray | None, lead: tuple[int, ...]) -> np.ndarray | None:
     if mask is None:
         return None
     if mask.shape == lead[: mask.ndim] and mask.ndim == len(lead):
@@ -163,8 +153,8 @@ def collect_stats(
     Returns, by request key, one LayerStats per group (a single one except for grouped convs),
     and a summary (samples seen, rows kept by the mask, bytes held).
     """
+    from .sessions import session, with_outputs
     from .io import write_model
-    from .targets.ort import session
 
     ref_names: list[str] = []
     if reference is not None:
@@ -179,12 +169,12 @@ def collect_stats(
     unmasked: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="lrcompile-calib-") as tmp:
         path = Path(tmp) / "calib.onnx"
-        write_model(_with_outputs(model, names), path)
+        write_model(with_outputs(model, names), path)
         sess = session(path, ["CPUExecutionProvider"])
         ref_sess = None
         if ref_names:
             ref_path = Path(tmp) / "reference.onnx"
-            write_model(_with_outputs(reference, ref_names), ref_path)
+            write_model(with_outputs(reference, ref_names), ref_path)
             ref_sess = session(ref_path, ["CPUExecutionProvider"])
         bar = tqdm(total=total, desc="calibrate", unit="sample", disable=None if progress else True, leave=False)
         for feed in batches:
@@ -197,7 +187,7 @@ def collect_stats(
                 if xr is not None and xr.shape != x.shape:
                     raise AssertionError(f"activation {req.tensor!r} is {x.shape} here, {xr.shape} in the reference")
                 if req.lookup:
-                    m = _row_mask(mask, x.shape)
+                    m = row_mask(mask, x.shape)
                     idx = (x[m] if m is not None else x).ravel() % req.k
                     counts[key] += np.bincount(idx, minlength=req.k)
                     continue
@@ -209,14 +199,14 @@ def collect_stats(
                     continue
                 if x.ndim < 1 or x.shape[-1] != req.k:
                     raise AssertionError(f"activation {req.tensor!r} has shape {x.shape}, expected [..., {req.k}]")
-                m = _row_mask(mask, x.shape[:-1])
+                m = row_mask(mask, x.shape[:-1])
                 if mask is not None and m is None:
                     unmasked.add(req.tensor)
                 accs[key][0].update(x, mask=m, ref=xr)
-            seen += _rows(feed)
+            seen += feed_rows(feed)
             if mask is not None:
                 kept += int(mask.sum())
-            bar.update(_rows(feed))
+            bar.update(feed_rows(feed))
         bar.close()
     if seen == 0:
         raise LrcError("--calib: the calibration source yielded no samples")

@@ -212,13 +212,13 @@ def distill(
         raise LrcError(f"--distill-lr {lr}: give a positive learning rate")
     if match not in DISTILL_MATCHES:
         raise LrcError(f"--distill-match {match!r}: choose one of {', '.join(DISTILL_MATCHES)}")
-    from .fisher import _import_convert, _modules_by_output
+    from .fisher import import_convert, modules_by_output
 
-    convert = _import_convert()
-    import onnxruntime as ort
+    convert = import_convert()
     import torch
 
-    from .calibrate import _row_mask, _with_outputs, feed_mask
+    from .calibrate import feed_mask, row_mask
+    from .sessions import ERROR, session, with_outputs
 
     t0 = time.perf_counter()
     names, matched = trainable_tensors(original, compressed)
@@ -246,23 +246,21 @@ def distill(
     train, val = batched(train), batched(val)
 
     # teacher: the original with the matched tensors exposed, in ONNX Runtime
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    teacher = ort.InferenceSession(_with_outputs(original, matched).SerializeToString(), so,
-                                   providers=["CPUExecutionProvider"])
+    teacher = session(with_outputs(original, matched).SerializeToString(), ["CPUExecutionProvider"],
+                      log_level=ERROR)
     teacher_in = [i.name for i in teacher.get_inputs()]
     teacher_out = [o.name for o in teacher.get_outputs()]
 
     # student: the compressed model in torch, its new tensors leaves (or baked module parameters)
     prepared, lifted = _prepared(compressed, names, baked)
-    from .fisher import _frozen_module
+    from .fisher import frozen_module
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gm = _frozen_module(convert, prepared)
+        gm = frozen_module(convert, prepared)
     torch.manual_seed(seed)
     leaves = {w: torch.nn.Parameter(torch.from_numpy(numpy_helper.to_array(inits[w]).copy())) for w in lifted}
-    by_output = _modules_by_output(gm)
+    by_output = modules_by_output(gm)
     baked_params: dict[str, torch.nn.Parameter] = {}
     for node in compressed.graph.node:
         for i in BAKED.get(node.op_type, ()):
@@ -276,7 +274,7 @@ def distill(
                 p = mod.weight if i == 1 else mod.bias
                 p.requires_grad_(True)
                 baked_params[node.input[i]] = p
-    single = _modules_by_output(gm, single=True)
+    single = modules_by_output(gm, single=True)
     hooked = [t for t in matched if t not in outputs and t in single]
     captured: dict[str, object] = {}
 
@@ -322,7 +320,7 @@ def distill(
                 continue
             r = torch.from_numpy(np.ascontiguousarray(ref)).to(y.dtype)
             d, r2 = (y - r) ** 2, r ** 2
-            m = _row_mask(mask, tuple(y.shape[:-1])) if y.ndim >= 2 else None
+            m = row_mask(mask, tuple(y.shape[:-1])) if y.ndim >= 2 else None
             if m is not None:
                 keep = torch.from_numpy(np.ascontiguousarray(m)).unsqueeze(-1).to(y.dtype)
                 d, r2 = d * keep, r2 * keep

@@ -112,20 +112,9 @@ class Measurement:
 
 def _session(model: bytes | Path, providers: list[str]):
     """An ORT session with lrcompile's settings, from a file or serialized bytes."""
-    from .targets.ort import session
+    from .sessions import session
 
-    if isinstance(model, Path):
-        return session(model, providers)
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 2  # warning, as targets.ort.session
-    try:
-        return ort.InferenceSession(model, so, providers=providers)
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph/... types
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LrcError(f"ONNX Runtime cannot load the model: {msg}; check it with onnx.checker") from None
+    return session(model, providers)
 
 
 def _concat(chunks: list[np.ndarray], name: str) -> np.ndarray:
@@ -163,7 +152,7 @@ class Evaluator:
         samples: evaluate at most this many samples (the first ones; labels are cut to match).
         batch_size: rows per run for ``.npz`` data (JSON and loaders keep their own batches).
         script: ``file.py[:func]`` for ``metric="script"``; never run otherwise.
-        providers: ONNX Runtime providers (None: targets.ort.default_providers()).
+        providers: ONNX Runtime providers (None: sessions.default_providers()).
         progress: show a progress bar per forward pass.
 
     Raises:
@@ -174,7 +163,7 @@ class Evaluator:
                  labels: str | None = None, samples: int | None = None, batch_size: int = 16,
                  script: str | None = None, providers: list[str] | None = None, progress: bool = False) -> None:
         from .calibrate import CalibSource, iter_calibration
-        from .targets.ort import default_providers
+        from .sessions import default_providers
 
         if metric == SCRIPT.name:
             if script is None:

@@ -172,7 +172,7 @@ def iter_labels(calib_path: str | Path, labels_path: str | Path | None = None, *
 
 # ----------------------------------------------------------------------------- torch side
 
-def _import_convert():
+def import_convert():
     """onnx2torch's ``convert``; an install hint when torch/onnx2torch are missing.
 
     onnx2torch imports torchvision at import time, only for its NMS and RoiAlign converters. When
@@ -310,7 +310,7 @@ def _lift(model: onnx.ModelProto, values: dict[str, np.ndarray], output: str):
     return m, lifted, baked
 
 
-def _frozen_module(convert, model: onnx.ModelProto):
+def frozen_module(convert, model: onnx.ModelProto):
     """The onnx2torch module of ``model`` in eval mode, its own parameters frozen (gradients flow only
     to what the caller marks); one line when onnx2torch cannot convert it."""
     try:
@@ -325,7 +325,7 @@ def _frozen_module(convert, model: onnx.ModelProto):
     return gm
 
 
-def _modules_by_output(gm, *, single: bool = False) -> dict:
+def modules_by_output(gm, *, single: bool = False) -> dict:
     """ONNX output name -> the onnx2torch module that computes it (its first output; with ``single``
     only modules with exactly one output)."""
     by_output = {}
@@ -397,7 +397,7 @@ def collect_fisher(
     """
     if loss not in LOSSES:
         raise LrcError(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
-    convert = _import_convert()
+    convert = import_convert()
     import torch
 
     outs = [o.name for o in model.graph.output]
@@ -407,9 +407,9 @@ def collect_fisher(
     names = list(dict.fromkeys(weight_names))
     values = _constant_values(model, names)
     prepared, lifted, baked = _lift(model, values, output)
-    gm = _frozen_module(convert, prepared)
+    gm = frozen_module(convert, prepared)
     torch.manual_seed(0)
-    by_output = _modules_by_output(gm)
+    by_output = modules_by_output(gm)
     params = {w: [next(c.weight for c in by_output[o].modules() if isinstance(c, torch.nn.modules.conv._ConvNd))
                   for o in outs_] for w, outs_ in baked.items()}
     for ps in params.values():
@@ -592,18 +592,18 @@ def collect_output_curvature(
     """
     if probes < 1:
         raise LrcError(f"--probes {probes}: give at least one probe per batch")
-    convert = _import_convert()
+    convert = import_convert()
     import torch
 
-    from .calibrate import _row_mask, _rows, feed_mask
+    from .calibrate import feed_mask, feed_rows, row_mask
 
     t0 = time.perf_counter()
     outs = [o.name for o in model.graph.output]
     output = output or outs[0]
     if output not in outs:
         raise LrcError(f"the probed output {output!r} (--metric-output) is not a model output; choose one of {outs}")
-    gm = _frozen_module(convert, for_torch(model, [output]))
-    by_output = _modules_by_output(gm, single=True)
+    gm = frozen_module(convert, for_torch(model, [output]))
+    by_output = modules_by_output(gm, single=True)
     res = OutputCurvature(info={"output": output, "probes": probes, "seed": seed, "mask_input": mask_input})
     names = []
     for t in dict.fromkeys(tensors):
@@ -649,7 +649,7 @@ def collect_output_curvature(
                 keeps = {}
                 for t in live:
                     y = captured[t]
-                    m = _row_mask(mask, tuple(y.shape[:-1])) if y.ndim >= 2 else None
+                    m = row_mask(mask, tuple(y.shape[:-1])) if y.ndim >= 2 else None
                     keeps[t] = None if m is None else torch.from_numpy(np.ascontiguousarray(m).reshape(-1))
                 for i in range(probes):
                     v = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.dtype)
@@ -665,7 +665,7 @@ def collect_output_curvature(
                             rows = rows[keeps[t]]
                         acc = rows.T @ rows
                         grams[t] = acc if t not in grams else grams[t] + acc
-            n_rows = _rows(feed)
+            n_rows = feed_rows(feed)
             seen += n_rows
             kept += int(mask.sum()) if mask is not None else 0
             bar.update(n_rows)

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 from .config import CompileConfig
 from .factorize import RankPolicy, break_even_rank
 from .io import load_model
-from .pipeline import analyze
+from .engine import analyze
 
 
 def spectrum_summary(m: np.ndarray, ratio: float, multiple: int = RankPolicy.multiple) -> dict:

@@ -28,7 +28,7 @@ MAX_OPSET = 23
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
-def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     from onnx.external_data_helper import _get_all_tensors
 
     return _get_all_tensors(model)
@@ -41,7 +41,7 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
     """
     files: list[Path] = []
     root = base_dir.resolve()
-    for t in _all_tensors(model):
+    for t in all_tensors(model):
         if not uses_external_data(t):
             continue
         loc = ExternalDataInfo(t).location
@@ -122,7 +122,7 @@ def load_npz(path: Path, what: str) -> dict:
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in _all_tensors(model) if t.HasField("raw_data"))
+    return sum(len(t.raw_data) for t in all_tensors(model) if t.HasField("raw_data"))
 
 
 @contextmanager

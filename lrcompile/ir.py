@@ -16,8 +16,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .factorize import Factorization
-
 log = logging.getLogger(__name__)
 
 #: Ops a constant-only subgraph may be made of (all cheap, shape/layout/elementwise).
@@ -188,17 +186,46 @@ class Decline:
         return node_label(self.node)
 
 
+@dataclass
+class Wiring:
+    """A candidate node taken apart for a rewrite (``RewritePass.detach``): the tensors the new
+    nodes connect to. ``x`` is what the weight multiplies (the activation, or a Gather's
+    indices), ``out`` the node's output, ``extra`` what else the op kept (a Gemm's bias C, a
+    Conv's bias and attributes)."""
+
+    x: gs.Tensor
+    out: gs.Tensor
+    extra: dict = field(default_factory=dict)
+
+
 class RewritePass(Protocol):
-    """The pass contract: match (returns a Candidate, a Decline, or None if not its business),
-    then rewrite a matched candidate given its factorization(s). The class docstring states the
-    rewrite rule and its math, and doubles as the pass's help text."""
+    """The pass contract: what one op type means in the [in, out] layout.
+
+    ``match`` returns a Candidate (the node's weight as ``[K, N]`` matrices, one per group), a
+    Decline with its reason, or None when the node is not its business. A form (``lrcompile.forms``)
+    then rewrites a matched candidate through the op's primitives, so that a form knows shapes and
+    an op knows its semantics:
+
+    - ``detach(cand)``: disconnect the node, return its ``Wiring``;
+    - ``first(ctx, cand, w, mats, tag)``: the op's input side with new weights ``mats`` (per group
+      ``[K, m]``): ``x`` mapped to ``m`` channels per group (geometry, transA, lookups kept);
+    - ``last(ctx, cand, w, h, mats, bias, tag)``: an intermediate ``h`` (``m`` channels per group)
+      mapped by ``mats`` (per group ``[m, N]``) to the node's output, with the op's own bias and
+      scaling, plus a correction ``bias`` (per group ``[N]``, or None).
+
+    The class docstring states the op's rule and math, and doubles as the pass's help text."""
 
     name: str
     op_types: tuple[str, ...]
 
     def match(self, node: gs.Node, consts: ConstantResolver) -> Candidate | Decline | None: ...
 
-    def rewrite(self, graph: gs.Graph, cand: Candidate, facts: list[Factorization], ctx: "RewriteContext") -> None: ...
+    def detach(self, cand: Candidate) -> Wiring: ...
+
+    def first(self, ctx: "RewriteContext", cand: Candidate, w: Wiring, mats: list[np.ndarray], tag: str) -> gs.Tensor: ...
+
+    def last(self, ctx: "RewriteContext", cand: Candidate, w: Wiring, h: gs.Tensor, mats: list[np.ndarray],
+             bias: list[np.ndarray | None] | None, tag: str) -> None: ...
 
 
 @dataclass

@@ -51,8 +51,11 @@ import onnx_graphsurgeon as gs
 from tqdm.auto import tqdm
 
 from . import __version__
+from .engine import Plan, analyze, apply, context, export
+from .sessions import capture, session
 from .factorize import Factorization
-from .ir import Candidate, ConstantResolver, Namer, RewriteContext, node_label
+from .forms import form_for
+from .ir import Candidate, ConstantResolver, node_label
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +71,6 @@ CACHE_FORMAT = 1
 METHOD_VERSION = 1
 #: Entries kept in the cache file (oldest dropped first): bounds the file on a long-lived machine.
 MAX_CACHE_ENTRIES = 50_000
-#: Micro models at or above this many bytes go through a file instead of bytes (protobuf's limit).
-_INLINE_LIMIT = 1_800_000_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,9 +142,9 @@ def describe_target(providers: list[str] | None = None) -> str:
     ``"ONNX Runtime 1.23.2 CPU on AMD EPYC 7B13 (2 cores)"``.
 
     Args:
-        providers: the providers timed with (None: :func:`lrcompile.targets.ort.default_providers`).
+        providers: the providers timed with (None: :func:`lrcompile.sessions.default_providers`).
     """
-    from .targets.ort import default_providers
+    from .sessions import default_providers
 
     fp = machine_fingerprint(list(providers) if providers is not None else default_providers())
     eps = "+".join(p.removesuffix("ExecutionProvider") for p in fp["providers"]) or "no provider"
@@ -163,15 +164,15 @@ def model_sha256(model: onnx.ModelProto) -> str:
     try:
         return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
     except ValueError:
-        from .io import _all_tensors
+        from .io import all_tensors
 
         h = hashlib.sha256()
-        for t in _all_tensors(model):
+        for t in all_tensors(model):
             h.update(t.name.encode())
             h.update(t.raw_data)
         stripped = onnx.ModelProto()
         stripped.CopyFrom(model)
-        for t in _all_tensors(stripped):
+        for t in all_tensors(stripped):
             t.ClearField("raw_data")
         h.update(stripped.SerializeToString(deterministic=True))
         return h.hexdigest()
@@ -447,18 +448,9 @@ def _safe(name: str) -> str:
 
 
 def random_factors(cand: Candidate, rank: int, *, seed: int = 0) -> list[Factorization]:
-    """Seeded random factors of ``cand``'s weight at ``rank``, one per group, scaled like a
-    trained factorization (entries ~ N(0, 1/K) and N(0, 1/r)): latency does not depend on the
-    values, and these cost no SVD."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for m in cand.matrices:
-        k, n = m.shape
-        a = (rng.standard_normal((k, rank)) / math.sqrt(k)).astype(m.dtype)
-        c = (rng.standard_normal((rank, n)) / math.sqrt(rank)).astype(m.dtype)
-        out.append(Factorization(a=a, c=c, rank=rank, method="timing", rel_error=float("nan"),
-                                 objective_error=float("nan")))
-    return out
+    """Seeded random factors of ``cand``'s weight at ``rank`` in its form (values do not matter
+    for latency, and these cost no SVD)."""
+    return form_for(cand.pass_name).random(cand, rank, seed=seed)
 
 
 def factorized_micro(micro: onnx.ModelProto, rank: int, *, facts: list[Factorization] | None = None,
@@ -475,8 +467,6 @@ def factorized_micro(micro: onnx.ModelProto, rank: int, *, facts: list[Factoriza
         ValueError: the node is no longer a candidate in isolation (should not happen).
     """
     from .config import CompileConfig
-    from .pipeline import Plan, analyze, apply, export
-    from .report import LayerRecord
 
     analysis = analyze(micro, CompileConfig(min_params=0, keep_unprofitable=True, verify=False))
     if len(analysis.candidates) != 1:
@@ -484,10 +474,9 @@ def factorized_micro(micro: onnx.ModelProto, rank: int, *, facts: list[Factoriza
         raise ValueError(f"micro model {micro.graph.name}: its node is not a candidate in isolation ({why})")
     (cand,) = analysis.candidates
     facts = facts if facts is not None else random_factors(cand, rank, seed=seed)
-    plan = Plan(records=[LayerRecord(node=cand.label, op=cand.node.op, shape=list(cand.matrices[0].shape),
-                                     decision="factorized", weight=cand.weight_key, rank=rank)],
-                by_key={cand.weight_key: facts}, owner={cand.weight_key: cand.label})
-    apply(RewriteContext(analysis.graph, Namer(analysis.graph)), [cand], plan)
+    plan = Plan()
+    plan.put(cand, facts, rank)
+    apply(context(analysis.graph), [cand], plan)
     return export(analysis.graph, micro)
 
 
@@ -496,30 +485,14 @@ def factorized_micro(micro: onnx.ModelProto, rank: int, *, facts: list[Factoriza
 
 
 def _session(model: onnx.ModelProto, providers: list[str], tmp: Path, threads: int | None = None):
-    """An ORT session with lrcompile's settings (:func:`lrcompile.targets.ort.session`), from
-    bytes when the model fits protobuf's limit, else through a file."""
-    import onnxruntime as ort
+    """An ORT session with lrcompile's settings and no thread spinning.
 
-    from .targets.ort import _WARNING
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = _WARNING
-    # No spinning: the variants' sessions run interleaved, and each session's idle pool threads
-    # would spin on the cores the next session needs (measured: MiniLM's FFN MatMul at batch 16
-    # took 40 ms instead of 11 on 2 cores). Without it the micro-model times match ORT's own
-    # profile of the layer inside the full model (0.213 vs 0.206 ms at batch 1, 11.2 vs 11.1 ms
-    # at batch 16).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads is not None:
-        so.intra_op_num_threads = threads
-    if model.ByteSize() < _INLINE_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
-    from .io import write_model
-
-    path = tmp / f"{_safe(model.graph.name)}.onnx"
-    write_model(model, path, external_data=True)
-    return ort.InferenceSession(str(path), so, providers=providers)
+    No spinning: the variants' sessions run interleaved, and each session's idle pool threads
+    would spin on the cores the next session needs (measured: MiniLM's FFN MatMul at batch 16
+    took 40 ms instead of 11 on 2 cores). Without it the micro-model times match ORT's own
+    profile of the layer inside the full model (0.213 vs 0.206 ms at batch 1, 11.2 vs 11.1 ms
+    at batch 16)."""
+    return session(model, providers, threads=threads, spinning=False, tmp=tmp)
 
 
 def _run_ms(sess, feed: dict[str, np.ndarray], n: int) -> float:
@@ -562,28 +535,6 @@ def measure(runs: dict[Any, tuple[Any, dict[str, np.ndarray]]], *, repeats: int 
     return {lab: float(np.median(v)) for lab, v in samples.items()}
 
 
-def _capture(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarray], providers: list[str],
-             tmp: Path) -> dict[str, np.ndarray]:
-    """The arrays of tensors ``names`` when the model runs on ``feeds`` (graph inputs are taken
-    from the feeds; the rest are exposed as extra outputs for one run)."""
-    from .calibrate import _with_outputs
-    from .io import write_model
-    from .targets.ort import session
-
-    got = {n: np.asarray(feeds[n]) for n in names if n in feeds}
-    rest = [n for n in names if n not in got]
-    if rest:
-        path = tmp / "capture.onnx"
-        write_model(_with_outputs(model, rest), path)
-        sess = session(path, providers)
-        graph_in = {i.name for i in sess.get_inputs()}
-        got.update(zip(rest, sess.run(rest, {k: v for k, v in feeds.items() if k in graph_in})))
-        del sess
-        for f in tmp.glob("capture.onnx*"):
-            f.unlink()
-    return got
-
-
 def time_layers(model: onnx.ModelProto, cands: list[Candidate], feeds_by_batch: dict[int, dict[str, np.ndarray]],
                 ranks_for: dict[str, list[int]], *, providers: list[str] | None = None,
                 cache: TimingCache | None = None, model_sha: str | None = None, repeats: int = 20,
@@ -601,7 +552,7 @@ def time_layers(model: onnx.ModelProto, cands: list[Candidate], feeds_by_batch: 
         cands: candidates from ``analyze(model, config)``, before any rewrite.
         feeds_by_batch: batch size -> feeds of the model's inputs at that batch.
         ranks_for: label -> ranks to time the factorized form at (a label not in it: dense only).
-        providers: ONNX Runtime providers (None: :func:`lrcompile.targets.ort.default_providers`).
+        providers: ONNX Runtime providers (None: :func:`lrcompile.sessions.default_providers`).
         cache: where to look up and store measurements (None: measure everything, store nothing).
         model_sha: the model's sha256 for cache keys (None: computed from ``model``).
         repeats: the most interleaved rounds per variant (fewer when ``budget_s`` runs out).
@@ -614,7 +565,7 @@ def time_layers(model: onnx.ModelProto, cands: list[Candidate], feeds_by_batch: 
     Returns:
         label -> one LayerTiming per batch (in ``feeds_by_batch`` order), ranks ascending.
     """
-    from .targets.ort import default_providers
+    from .sessions import default_providers
 
     providers = list(providers) if providers is not None else default_providers()
     todo = [c for c in cands if c.activation is not None]
@@ -639,7 +590,7 @@ def time_layers(model: onnx.ModelProto, cands: list[Candidate], feeds_by_batch: 
     out: dict[str, list[LayerTiming]] = {}
     with tempfile.TemporaryDirectory(prefix="lrcompile-latency-") as tmpdir:
         tmp = Path(tmpdir)
-        captured = {b: _capture(model, names, feeds, providers, tmp) for b, feeds in feeds_by_batch.items()}
+        captured = {b: capture(model, names, feeds, providers, tmp) for b, feeds in feeds_by_batch.items()}
         try:
             for cand in tqdm(todo, desc="time layers", unit="layer", disable=None if progress else True, leave=False):
                 ranks = sorted(set(ranks_for.get(cand.label, ())))

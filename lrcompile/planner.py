@@ -18,7 +18,7 @@ per-layer ranks. The planner turns those into ranks, one weight at a time:
    model on the validation data, and keeps the smallest that stays within the drop.
 
 The numpy math lives in ``lrcompile.factorize.allocate``; this module only gathers its inputs
-from the model and turns its answer into a ``pipeline.Plan``.
+from the model and turns its answer into ranks for ``engine.Plan``.
 """
 from __future__ import annotations
 
@@ -32,10 +32,11 @@ import onnx
 from tqdm.auto import tqdm
 
 from .config import CompileConfig
+from .engine import Evidence, Plan, build, sharers
 from .errors import LrcError
-from .factorize import LayerStats, RankPolicy, break_even_rank
-from .factorize.allocate import (Allocation, LayerOptions, allocate, allocate_threshold, min_cost, rank_grid,
-                                 tail_curve)
+from .factorize import LayerStats
+from .factorize.allocate import Allocation, LayerOptions, allocate, allocate_threshold, min_cost
+from .forms import FORMS, form_for
 from .ir import Candidate, node_label
 
 log = logging.getLogger(__name__)
@@ -70,69 +71,61 @@ class Layer:
     fast_rank: int | None = None  # largest rank faster than dense on the target (None: not timed)
     latency: list[dict] = field(default_factory=list)
     pair: object | None = None  # an MLP pair (``passes.mlp.MlpPair``): the grid holds hidden widths
+    form: object | None = None  # the form whose sizes the grid holds (``lrcompile.forms``)
 
     @property
     def label(self) -> str:
         return self.pair.label if self.pair is not None else self.cands[0].label
 
+    @property
+    def site(self):
+        """What the form replaces: the MLP pair, or the weight (its first candidate)."""
+        return self.pair if self.pair is not None else self.cands[0]
+
     def probe_scale(self) -> float:
-        """What the budget's fraction multiplies to give a probe: the break-even rank, or the width."""
-        if self.pair is not None:
-            return float(self.pair.width)
-        return break_even_rank(*self.cands[0].matrices[0].shape)
+        """What the budget's fraction multiplies to give a probe (the break-even rank, the width)."""
+        return self.form.probe_scale(self.site)
 
     def loss(self) -> np.ndarray:
         return self.sensitivity * self.err2
 
-    def flops(self, ranks: np.ndarray) -> tuple[float, np.ndarray]:
-        """Dense FLOPs and FLOPs at each rank (a pair: each hidden width), summed over the nodes
-        sharing the weight."""
+    def flops(self, sizes: np.ndarray) -> tuple[float, np.ndarray]:
+        """Dense FLOPs and FLOPs at each size, summed over the nodes sharing the weight (a pair:
+        both layers, on the up layer's rows)."""
         if self.pair is not None:
             rows = next(iter(self.rows.values()), None)
             if rows is None:
                 raise LrcError(f"cannot count the FLOPs of {self.label} at the verification shapes; use --params")
-            per = 2.0 * rows * (self.pair.up.weight.shape[0] + self.pair.down.weight.shape[1])
-            return per * self.pair.width, per * np.asarray(ranks, np.float64)
-        dense, fact = 0.0, np.zeros(len(ranks))
+            return self.form.flops(self.pair, sizes, rows)
+        dense, fact = 0.0, np.zeros(len(sizes))
         for c in self.cands:
             rows = self.rows.get(c.label)
             if rows is None:
                 raise LrcError(f"cannot count the FLOPs of {c.label} at the verification shapes; use --params")
-            kn = sum(m.shape[0] * m.shape[1] for m in c.matrices)
-            if c.details.get("lookup"):  # Gather: a free lookup dense; factorized, a MatMul [r, N] follows
-                fact += 2.0 * rows * ranks * sum(m.shape[1] for m in c.matrices)
-            else:
-                dense += 2.0 * rows * kn
-                fact += 2.0 * rows * ranks * sum(m.shape[0] + m.shape[1] for m in c.matrices)
+            d, f = self.form.flops(c, sizes, rows)
+            dense, fact = dense + d, fact + f
         return dense, fact
 
 
-def build_layers(cands: list[Candidate], config: CompileConfig, stats, fisher, *, progress: bool,
-                 curvature=None) -> list[Layer]:
-    """Decompose every distinct weight in full and read its error curve off the spectrum."""
-    from .pipeline import _factorize_candidate, _stats_for
-
-    sharers: dict[str, list[Candidate]] = {}
-    for c in cands:
-        sharers.setdefault(c.weight_key, []).append(c)
+def build_layers(cands: list[Candidate], config: CompileConfig, evidence: Evidence | None, *, progress: bool
+                 ) -> list[Layer]:
+    """Decompose every distinct weight in full in its form and read its error curve off the spectrum."""
+    evidence = evidence or Evidence()
     layers = []
-    full = RankPolicy(energy=1.0, multiple=1)  # the whole spectrum (an exact SVD), whatever the solver
-    for key, group in tqdm(sharers.items(), desc="spectra", unit="weight", disable=None if progress else True,
+    opts = {"solver": config.solver, "seed": config.seed, **config.method_options}
+    for key, group in tqdm(sharers(cands).items(), desc="spectra", unit="weight", disable=None if progress else True,
                            leave=False):
         cand = group[0]
-        method, st, note = _stats_for(cand, config.method_for(cand.label), stats, fisher, group, curvature)
-        facts = _factorize_candidate(cand, config, full, method, st)
-        spectra = [np.asarray(f.singular_values, np.float64) for f in facts]
-        totals = [float(np.sum(s**2)) for s in spectra]
-        k, n = cand.matrices[0].shape
-        grid = rank_grid(k, n, config.multiple)
-        has_bias = facts[0].bias is not None
-        params = np.zeros(len(grid))
-        for m in cand.matrices:
-            params += grid * (m.shape[0] + m.shape[1]) + (m.shape[1] if has_bias else 0)
+        form = form_for(cand.pass_name)
+        method, st, note = evidence.for_layer(cand, config.method_for(cand.label), group)
+        full = form.fit_full(cand, method, st, opts)
+        grid = form.sizes(cand, config.multiple)
+        has_bias = full[0].bias is not None
+        err2, spectra = form.curve(full, grid)
         layers.append(Layer(key=key, cands=group, method=method, stats=st, note=note, spectra=spectra,
-                            totals=totals, grid=grid, params=params, dense_params=cand.params,
-                            err2=tail_curve(spectra, totals, grid), has_bias=has_bias))
+                            totals=[float(np.sum(x**2)) for x in spectra], grid=grid,
+                            params=form.params(cand, grid, bias=has_bias), dense_params=cand.params,
+                            err2=err2, has_bias=has_bias, form=form))
     return layers
 
 
@@ -142,14 +135,12 @@ def pair_layers(pairs, config: CompileConfig, *, progress: bool) -> list[Layer]:
     layers = []
     for key, pr in tqdm(pairs.pairs.items(), desc="pruning curves", unit="pair",
                         disable=None if progress else True, leave=False):
-        m = max(1, config.multiple)
-        grid = np.arange(m, pr.width, m, dtype=np.int64)
+        form = FORMS["channels"]
+        grid = form.sizes(pr, config.multiple)
         err2 = pairs.curve(key, grid) if len(grid) else np.zeros(0)
-        k, n = pr.up.weight.shape[0], pr.down.weight.shape[1]
         layers.append(Layer(key=key, cands=[], method="prune", stats=[pairs.stats.get(key)], note="",
-                            spectra=[], totals=[], grid=grid,
-                            params=grid * float(k + n), dense_params=pr.params(), err2=err2, has_bias=False,
-                            pair=pr))
+                            spectra=[], totals=[], grid=grid, params=form.params(pr, grid), dense_params=pr.params(),
+                            err2=err2, has_bias=False, pair=pr, form=form))
     return layers
 
 
@@ -176,19 +167,18 @@ def count_rows(model: onnx.ModelProto, cands: list[Candidate], feed: dict[str, n
 class Planner:
     """Chooses ranks for ``cands`` under the config's budget (see the module docstring)."""
 
-    def __init__(self, model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *, stats=None,
-                 fisher=None, feed: dict[str, np.ndarray] | None = None, progress: bool = False,
-                 curvature=None, pairs=None) -> None:
-        self.model, self.config, self.stats, self.fisher = model, config, stats, fisher
+    def __init__(self, model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *,
+                 evidence: Evidence | None = None, feed: dict[str, np.ndarray] | None = None,
+                 progress: bool = False, pairs=None) -> None:
+        self.model, self.config, self.evidence = model, config, evidence or Evidence()
         self.pairs = pairs if pairs is not None and pairs.pairs else None
         self.ranks: dict[str, int] = {}
         self._groups: dict[str, list[tuple[int, dict[str, int]]]] = {}  # pair key -> its choices, decoded
-        self.curvature = curvature
         self.progress = progress
         self.cache: dict = {}  # (weight key, rank) -> factorizations, shared by every plan built
         self.info: dict = {"budget": config.budget, "allocation": config.resolved_allocation}
         t0 = time.perf_counter()
-        self.layers = build_layers(cands, config, stats, fisher, progress=progress, curvature=curvature)
+        self.layers = build_layers(cands, config, self.evidence, progress=progress)
         if self.pairs is not None:
             self.layers += pair_layers(self.pairs, config, progress=progress)
             self.info["mlp_pairs"] = len(self.pairs.pairs)
@@ -211,27 +201,16 @@ class Planner:
 
     # ------------------------------------------------------------------ building and measuring models
 
-    def plan(self, ranks: dict[str, int]):
-        """A ``pipeline.Plan`` for these ranks (MLP pair widths included), on a fresh import of the
-        model with those pairs pruned (candidates bound to it)."""
-        from .pipeline import analyze, plan
-
+    def build(self, ranks: dict[str, int]) -> onnx.ModelProto:
+        """The model with these sizes (ranks, MLP pair widths; 0: dense), on a fresh import of the
+        model with those pairs pruned."""
         model, skip = self.model, frozenset()
         if self.pairs is not None:
             model, _, _ = self.pairs.prune(model, ranks, reason="planner")
             skip = self.pairs.pruned_labels(ranks)
-        analysis = analyze(model, self.config, skip=skip)
-        return analysis, plan(analysis.candidates, self.config, stats=self.stats, fisher=self.fisher, ranks=ranks,
-                              dense_reasons=self.dense_reasons, cache=self.cache, curvature=self.curvature)
-
-    def build(self, ranks: dict[str, int]) -> onnx.ModelProto:
-        """The model with these ranks applied (0: dense)."""
-        from .ir import Namer, RewriteContext
-        from .pipeline import apply, export
-
-        analysis, p = self.plan(ranks)
-        apply(RewriteContext(analysis.graph, Namer(analysis.graph)), analysis.candidates, p)
-        return export(analysis.graph, self.model)
+        new, _ = build(model, self.config, ranks, evidence=self.evidence, skip=skip,
+                       dense_reasons=self.dense_reasons, cache=self.cache, base=self.model)
+        return new
 
     def evaluator(self, *, search: bool):
         """The metric on the sensitivity samples (calibration data) or on the search data (--val)."""
@@ -490,12 +469,10 @@ class Planner:
                     rec.flops_before = 2.0 * rows * rec.params_before
                     rec.flops_after = 2.0 * rows * (rec.params_after or rec.params_before)
             elif layer.rows and rec.node in layer.rows and layer.rows[rec.node] is not None:
-                rows = layer.rows[rec.node]
                 cand = next(c for c in layer.cands if c.label == rec.node)
-                kn = sum(m.shape[0] * m.shape[1] for m in cand.matrices)
-                ksum = sum((m.shape[0] if not cand.details.get("lookup") else 0) + m.shape[1] for m in cand.matrices)
-                rec.flops_before = 0.0 if cand.details.get("lookup") else 2.0 * rows * kn
-                rec.flops_after = 2.0 * rows * r * ksum if r else rec.flops_before
+                dense, at = layer.form.flops(cand, np.array([r]), layer.rows[rec.node])
+                rec.flops_before = dense
+                rec.flops_after = float(at[0]) if r else rec.flops_before
             rec.latency = [t for t in layer.latency if t["node"] == rec.node] or None
 
 
@@ -558,7 +535,7 @@ def timing_feeds(model: onnx.ModelProto, feed: dict[str, np.ndarray], batches: t
     return out
 
 
-def latency_declines(p, model: onnx.ModelProto, cands: list[Candidate], feeds_by_batch, config: CompileConfig,
+def latency_declines(p: Plan, model: onnx.ModelProto, cands: list[Candidate], feeds_by_batch, config: CompileConfig,
                      *, progress: bool) -> dict:
     """Latency-aware mode under a per-layer rank policy: time each factorized layer at its planned
     rank against dense, and keep it dense where it is not faster at every batch."""
@@ -589,8 +566,7 @@ def latency_declines(p, model: onnx.ModelProto, cands: list[Candidate], feeds_by
         if c is not None and c.weight_key in slow_keys and rec.decision == "factorized":
             rec.decision, rec.reason = "declined", slow_keys[c.weight_key]
     for key, why in slow_keys.items():
-        p.by_key.pop(key, None)
-        p.declined_keys[key] = why
+        p.keep_dense(key, why)
     return {"target": latency.describe_target(), "batches": sorted(feeds_by_batch), "kept_dense": len(slow_keys),
             "seconds": round(time.perf_counter() - t0, 3), "cache": str(cache.path), "cache_hits": cache.hits,
             "cache_misses": cache.misses}

@@ -20,7 +20,6 @@ widths into a fresh import of a model, reusing each (pair, width) refit it alrea
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -30,21 +29,19 @@ import onnx_graphsurgeon as gs
 from tqdm.auto import tqdm
 
 from .config import CompileConfig
+from .engine import collect_stats, context, export, selected
 from .errors import LrcError
 from .factorize import LayerStats
-from .ir import ConstantResolver, Namer, RewriteContext, node_label
+from .forms import FORMS
+from .ir import ConstantResolver, node_label
 from .report import LayerRecord
 
 log = logging.getLogger(__name__)
 
 #: Planner keys of MLP pairs start with this (low-rank entries are keyed by weight tensor names).
 PAIR_KEY = "mlp:"
-
-
-def selected(label: str, op: str, config: CompileConfig) -> bool:
-    """Whether --only/--exclude/--include let a node be compressed."""
-    return ((config.only is None or op in config.only) and not any(re.search(p, label) for p in config.exclude)
-            and (not config.include or any(re.search(p, label) for p in config.include)))
+#: The form every pair takes (``lrcompile.forms.channels``).
+FORM = FORMS["channels"]
 
 
 def _find(model: onnx.ModelProto, config: CompileConfig):
@@ -89,14 +86,13 @@ class MlpPairs:
 
         return {key: StatRequest(pr.hidden, pr.width) for key, pr in self.pairs.items()}
 
+    def take_stats(self, stats: dict) -> None:
+        """Move each pair's hidden-activation statistics out of a calibration's ``stats``."""
+        self.stats.update({k: stats.pop(k)[0] for k in self.pairs})
+
     def curve(self, key: str, grid: np.ndarray) -> np.ndarray:
         """Estimated relative squared refit error of pair ``key`` at each width of ``grid``."""
-        from .factorize.channels import prune_curve
-
-        pr, st = self.pairs[key], self._stats(key)
-        smallest = int(grid[0]) if len(grid) else pr.width
-        sizes, err2 = prune_curve(st.gram, st.in_sum, st.count, pr.down.weight, pr.down.bias, smallest=smallest)
-        return np.interp(grid, sizes, err2)
+        return FORM.curve(self.pairs[key], self._stats(key), grid)
 
     def _stats(self, key: str) -> LayerStats:
         st = self.stats.get(key)
@@ -107,12 +103,10 @@ class MlpPairs:
 
     def refit(self, key: str, width: int):
         """``(channels.ChannelPrune, seconds)`` of the pair pruned to ``width`` channels (cached)."""
-        from .factorize.channels import prune_channels
-
         if (key, width) not in self.cache:
             pr, st = self.pairs[key], self._stats(key)
             t0 = time.perf_counter()
-            cp = prune_channels(st.gram, st.in_sum, st.count, pr.down.weight, pr.down.bias, width)
+            cp = FORM.fit(pr, st, width)
             self.cache[(key, width)] = (cp, round(time.perf_counter() - t0, 3))
         return self.cache[(key, width)]
 
@@ -123,9 +117,6 @@ class MlpPairs:
         layer of each pruned pair, and the report rows. A pair left whole gets none (its layers
         follow their ranks), unless ``report_whole``: then it is reported as pruned to its full
         width (a fraction of 1 asked for that; the caller keeps its layers out of low rank)."""
-        from .passes import mlp
-        from .pipeline import export
-
         todo = {k: w for k, w in widths.items() if k in self.pairs and 0 < w < self.pairs[k].width}  # 0: whole
         records: list[LayerRecord] = []
         rows: list[dict] = []
@@ -133,7 +124,7 @@ class MlpPairs:
         if todo:  # a fresh import to rewrite (sensitivity probes of other layers need none)
             graph, found, _ = _find(model, CompileConfig())
             fresh = {PAIR_KEY + pr.label: pr for pr in found}
-            ctx = RewriteContext(graph, Namer(graph))
+            ctx = context(graph)
         for key in tqdm(list(self.pairs), desc="prune MLPs", unit="pair", disable=None if progress else True,
                         leave=False):
             pr = self.pairs[key]
@@ -146,10 +137,11 @@ class MlpPairs:
                 if key not in fresh:
                     raise AssertionError(f"MLP pair {pr.label} is not in the model being pruned")
                 written = fresh[key]
-                mlp.rewrite(written, cp.keep, cp.weight, cp.bias, ctx)  # its nodes now read the new constants
+                FORM.emit(ctx, written, cp)  # its nodes now read the new constants
+            up_after, down_after = FORM.layer_params(pr, k)
             for lin, new, err in ((pr.up, written.up, None), (pr.down, written.down, cp.rel_error)):
                 kin, kout = lin.weight.shape
-                after = kin * k if lin is pr.up else k * kout
+                after = up_after if lin is pr.up else down_after
                 records.append(LayerRecord(node=node_label(lin.node), op=lin.node.op, shape=[kin, kout],
                                            decision="pruned", reason=f"MLP hidden channels {k}/{pr.width} kept ({reason})"
                                            + ("" if lin is pr.up else ", refitted"), weight=new.node.inputs[1].name,
@@ -168,7 +160,6 @@ def prune_mlps(model: onnx.ModelProto, config: CompileConfig, *, progress: bool 
     second layer on the calibration data. Returns the smaller model, one record per rewritten layer,
     and the report section (per pair: channels kept, parameters, the refit's relative error)."""
     from .factorize.channels import keep_count
-    from .pipeline import _calibrate
 
     t0 = time.perf_counter()
     pairs = MlpPairs.find(model, config)
@@ -177,7 +168,8 @@ def prune_mlps(model: onnx.ModelProto, config: CompileConfig, *, progress: bool 
         log.warning("--prune-mlp: no MLP pair (Linear -> channel-wise activation -> Linear with constant weights) "
                     "in this model; nothing pruned")
         return model, [], {**info, "seconds": round(time.perf_counter() - t0, 3)}
-    _, calib = _calibrate(model, [], config, progress=progress, pairs=pairs)
+    stats, calib = collect_stats(model, [], config, progress=progress, extra=pairs.requests())
+    pairs.take_stats(stats)
     widths = {key: keep_count(pr.width, config.prune_mlp, config.multiple) for key, pr in pairs.pairs.items()}
     new, records, rows = pairs.prune(model, widths, reason=f"--prune-mlp {config.prune_mlp:g}", progress=progress,
                                      report_whole=True)

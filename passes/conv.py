@@ -14,9 +14,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lrcompile.factorize import Factorization
 from lrcompile.factorize.patches import ConvGeometry
-from lrcompile.ir import Candidate, ConstantResolver, Decline, RewriteContext, float_weight_problem
+from lrcompile.ir import Candidate, ConstantResolver, Decline, RewriteContext, Wiring, float_weight_problem
 
 
 class ConvPass:
@@ -55,29 +54,44 @@ class ConvPass:
                          activation=node.inputs[0].name if geo else None,
                          details={"group": g, "wshape": tuple(w.shape), "geometry": geo})
 
-    def rewrite(self, graph: gs.Graph, cand: Candidate, facts: list[Factorization], ctx: RewriteContext) -> None:
-        node, base, key = cand.node, cand.label, cand.weight_key
+    def detach(self, cand: Candidate) -> Wiring:
+        node = cand.node
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        w = Wiring(x=node.inputs[0], out=node.outputs[0], extra={"bias": bias, "attrs": dict(node.attrs)})
+        node.inputs.clear()
+        node.outputs.clear()
+        return w
+
+    def first(self, ctx: RewriteContext, cand: Candidate, w: Wiring, mats: list[np.ndarray], tag: str) -> gs.Tensor:
+        """A conv of the original geometry and groups whose kernels are ``mats``' columns."""
+        wshape = cand.details["wshape"]
+        m = mats[0].shape[1]
+        assert all(a.shape[1] == m for a in mats), "groups must share one width"
+        kernel = np.concatenate([a.T.reshape((m,) + tuple(wshape[1:])) for a in mats], axis=0)
+        base = cand.label
+        h = ctx.var(base, f"{tag}_h", w.out.dtype)
+        ctx.node("Conv", base, f"{tag}_in", [w.x, ctx.const(cand.weight_key, f"{tag}_A", base, kernel)], [h],
+                 dict(w.extra["attrs"]))
+        return h
+
+    def last(self, ctx: RewriteContext, cand: Candidate, w: Wiring, h: gs.Tensor, mats: list[np.ndarray],
+             bias: list[np.ndarray | None] | None, tag: str) -> None:
+        """A 1 x 1 grouped conv by ``mats``, the original bias plus ``bias`` folded into its bias."""
+        base, key = cand.label, cand.weight_key
         g, wshape = cand.details["group"], cand.details["wshape"]
         kernel = wshape[2:]
-        r = facts[0].rank
-        assert all(f.rank == r for f in facts), "groups must share one rank"
-        first = np.concatenate([f.a.T.reshape((r,) + tuple(wshape[1:])) for f in facts], axis=0)
-        second = np.concatenate([f.c.T.reshape((wshape[0] // g, r) + (1,) * len(kernel)) for f in facts], axis=0)
-        x, out = node.inputs[0], node.outputs[0]
-        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-        if any(f.bias is not None for f in facts):
-            d = np.concatenate([f.bias if f.bias is not None else np.zeros(wshape[0] // g, first.dtype) for f in facts])
-            if bias is not None:
-                b0 = np.asarray(bias.values) if isinstance(bias, gs.Constant) else None
+        m = mats[0].shape[0]
+        dtype = mats[0].dtype
+        second = np.concatenate([c.T.reshape((wshape[0] // g, m) + (1,) * len(kernel)) for c in mats], axis=0)
+        b = w.extra["bias"]
+        if bias is not None and any(d is not None for d in bias):
+            d = np.concatenate([x if x is not None else np.zeros(wshape[0] // g, dtype) for x in bias])
+            if b is not None:
+                b0 = np.asarray(b.values) if isinstance(b, gs.Constant) else None
                 if b0 is None:
                     raise ValueError("a mean correction needs a constant Conv bias")  # match() guarantees
                 d = d + b0
-            bias = ctx.const(key, "lr_bias", base, d.astype(first.dtype))
-        attrs = dict(node.attrs)
-        node.inputs.clear()
-        node.outputs.clear()
-        w1, w2 = ctx.const(key, "lr_A", base, first), ctx.const(key, "lr_C", base, second)
-        h = ctx.var(base, "lr_h", out.dtype)
-        ctx.node("Conv", base, "lr_in", [x, w1], [h], attrs)
-        attrs2 = {"group": g, "kernel_shape": [1] * len(kernel)}
-        ctx.node("Conv", base, "lr_out", [h, w2] + ([bias] if bias is not None else []), [out], attrs2)
+            b = ctx.const(key, f"{tag}_bias", base, d.astype(dtype))
+        attrs = {"group": g, "kernel_shape": [1] * len(kernel)}
+        ctx.node("Conv", base, f"{tag}_out", [h, ctx.const(key, f"{tag}_C", base, second)] + ([b] if b is not None else []),
+                 [w.out], attrs)

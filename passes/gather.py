@@ -9,8 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lrcompile.factorize import Factorization
-from lrcompile.ir import Candidate, ConstantResolver, Decline, RewriteContext, float_weight_problem
+from lrcompile.ir import Candidate, ConstantResolver, Decline, RewriteContext, Wiring, float_weight_problem
 
 
 class GatherPass:
@@ -36,17 +35,26 @@ class GatherPass:
         return Candidate(node=node, pass_name=self.name, weight_key=rt.source, matrices=[np.ascontiguousarray(e)],
                          activation=node.inputs[1].name, details={"lookup": True})
 
-    def rewrite(self, graph: gs.Graph, cand: Candidate, facts: list[Factorization], ctx: RewriteContext) -> None:
-        (f,) = facts
-        node, base, key = cand.node, cand.label, cand.weight_key
-        idx, out = node.inputs[1], node.outputs[0]
+    def detach(self, cand: Candidate) -> Wiring:
+        node = cand.node
+        w = Wiring(x=node.inputs[1], out=node.outputs[0])
         node.inputs.clear()
         node.outputs.clear()
-        a, c = ctx.const(key, "lr_A", base, f.a), ctx.const(key, "lr_C", base, f.c)
-        h = ctx.var(base, "lr_h", out.dtype)
-        ctx.node("Gather", base, "lr_in", [a, idx], [h], {"axis": 0})
-        final = out if f.bias is None else ctx.var(base, "lr_y", out.dtype)
-        ctx.node("MatMul", base, "lr_out", [h, c], [final])
-        if f.bias is not None:
-            d = ctx.const(key, "lr_d", base, f.bias.astype(f.a.dtype))
-            ctx.node("Add", base, "lr_bias", [final, d], [out])
+        return w
+
+    def first(self, ctx: RewriteContext, cand: Candidate, w: Wiring, mats: list[np.ndarray], tag: str) -> gs.Tensor:
+        (m,) = mats
+        base = cand.label
+        h = ctx.var(base, f"{tag}_h", w.out.dtype)
+        ctx.node("Gather", base, f"{tag}_in", [ctx.const(cand.weight_key, f"{tag}_A", base, m), w.x], [h], {"axis": 0})
+        return h
+
+    def last(self, ctx: RewriteContext, cand: Candidate, w: Wiring, h: gs.Tensor, mats: list[np.ndarray],
+             bias: list[np.ndarray | None] | None, tag: str) -> None:
+        (m,) = mats
+        d = None if bias is None else bias[0]
+        base, key = cand.label, cand.weight_key
+        final = w.out if d is None else ctx.var(base, f"{tag}_y", w.out.dtype)
+        ctx.node("MatMul", base, f"{tag}_out", [h, ctx.const(key, f"{tag}_C", base, m)], [final])
+        if d is not None:
+            ctx.node("Add", base, f"{tag}_bias", [final, ctx.const(key, f"{tag}_d", base, d.astype(m.dtype))], [w.out])

@@ -10,8 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lrcompile.factorize import Factorization
-from lrcompile.ir import Candidate, ConstantResolver, Decline, RewriteContext, float_weight_problem
+from lrcompile.ir import Candidate, ConstantResolver, Decline, RewriteContext, Wiring, float_weight_problem
 
 
 class GemmPass:
@@ -47,20 +46,31 @@ class GemmPass:
                      "beta": float(node.attrs.get("beta", 1.0))},
         )
 
-    def rewrite(self, graph: gs.Graph, cand: Candidate, facts: list[Factorization], ctx: RewriteContext) -> None:
-        (f,) = facts
-        node, base, key, det = cand.node, cand.label, cand.weight_key, cand.details
-        out = node.outputs[0]
-        a_in = node.inputs[0]
+    def detach(self, cand: Candidate) -> Wiring:
+        node = cand.node
         c_in = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        w = Wiring(x=node.inputs[0], out=node.outputs[0], extra={"C": c_in})
         node.inputs.clear()
         node.outputs.clear()
-        fa, gc = ctx.const(key, "lr_A", base, f.a), ctx.const(key, "lr_C", base, f.c)
-        h = ctx.var(base, "lr_h", out.dtype)
-        ctx.node("Gemm", base, "lr_in", [a_in, fa], [h], {"transA": det["transA"]})
-        final = out if f.bias is None else ctx.var(base, "lr_y", out.dtype)
-        attrs = {"alpha": det["alpha"], "beta": det["beta"]}
-        ctx.node("Gemm", base, "lr_out", [h, gc] + ([c_in] if c_in is not None else []), [final], attrs)
-        if f.bias is not None:
-            d = ctx.const(key, "lr_d", base, (det["alpha"] * f.bias).astype(f.a.dtype))
-            ctx.node("Add", base, "lr_bias", [final, d], [out])
+        return w
+
+    def first(self, ctx: RewriteContext, cand: Candidate, w: Wiring, mats: list[np.ndarray], tag: str) -> gs.Tensor:
+        (m,) = mats
+        base, key = cand.label, cand.weight_key
+        h = ctx.var(base, f"{tag}_h", w.out.dtype)
+        ctx.node("Gemm", base, f"{tag}_in", [w.x, ctx.const(key, f"{tag}_A", base, m)], [h],
+                 {"transA": cand.details["transA"]})
+        return h
+
+    def last(self, ctx: RewriteContext, cand: Candidate, w: Wiring, h: gs.Tensor, mats: list[np.ndarray],
+             bias: list[np.ndarray | None] | None, tag: str) -> None:
+        (m,) = mats
+        d = None if bias is None else bias[0]
+        base, key, det = cand.label, cand.weight_key, cand.details
+        final = w.out if d is None else ctx.var(base, f"{tag}_y", w.out.dtype)
+        c_in = w.extra["C"]
+        ctx.node("Gemm", base, f"{tag}_out", [h, ctx.const(key, f"{tag}_C", base, m)] + ([c_in] if c_in is not None else []),
+                 [final], {"alpha": det["alpha"], "beta": det["beta"]})
+        if d is not None:
+            dc = ctx.const(key, f"{tag}_d", base, (det["alpha"] * d).astype(m.dtype))
+            ctx.node("Add", base, f"{tag}_bias", [final, dc], [w.out])

@@ -14,8 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lrcompile.factorize import Factorization
-from lrcompile.ir import Candidate, ConstantResolver, Decline, RewriteContext, float_weight_problem
+from lrcompile.ir import Candidate, ConstantResolver, Decline, RewriteContext, Wiring, float_weight_problem
 
 
 class MatMulPass:
@@ -52,25 +51,33 @@ class MatMulPass:
             details={"side": side},
         )
 
-    def rewrite(self, graph: gs.Graph, cand: Candidate, facts: list[Factorization], ctx: RewriteContext) -> None:
-        (f,) = facts
-        node, base, key = cand.node, cand.label, cand.weight_key
-        out = node.outputs[0]
-        x = node.inputs[0] if cand.details["side"] == "right" else node.inputs[1]
+    def detach(self, cand: Candidate) -> Wiring:
+        node = cand.node
+        w = Wiring(x=node.inputs[0] if cand.details["side"] == "right" else node.inputs[1], out=node.outputs[0])
         node.inputs.clear()
         node.outputs.clear()
-        final = out if f.bias is None else ctx.var(base, "lr_y", out.dtype)
-        h = ctx.var(base, "lr_h", out.dtype)
+        return w
+
+    def first(self, ctx: RewriteContext, cand: Candidate, w: Wiring, mats: list[np.ndarray], tag: str) -> gs.Tensor:
+        (m,) = mats
+        base, key = cand.label, cand.weight_key
+        h = ctx.var(base, f"{tag}_h", w.out.dtype)
         if cand.details["side"] == "right":
-            a, c = ctx.const(key, "lr_A", base, f.a), ctx.const(key, "lr_C", base, f.c)
-            ctx.node("MatMul", base, "lr_in", [x, a], [h])
-            ctx.node("MatMul", base, "lr_out", [h, c], [final])
-            bias = f.bias
+            ctx.node("MatMul", base, f"{tag}_in", [w.x, ctx.const(key, f"{tag}_A", base, m)], [h])
         else:
-            at, ct = ctx.const(key, "lr_At", base, f.a.T), ctx.const(key, "lr_Ct", base, f.c.T)
-            ctx.node("MatMul", base, "lr_in", [at, x], [h])
-            ctx.node("MatMul", base, "lr_out", [ct, h], [final])
-            bias = None if f.bias is None else f.bias[:, None]
-        if bias is not None:
-            d = ctx.const(key, "lr_d", base, bias.astype(f.a.dtype))
-            ctx.node("Add", base, "lr_bias", [final, d], [out])
+            ctx.node("MatMul", base, f"{tag}_in", [ctx.const(key, f"{tag}_At", base, m.T), w.x], [h])
+        return h
+
+    def last(self, ctx: RewriteContext, cand: Candidate, w: Wiring, h: gs.Tensor, mats: list[np.ndarray],
+             bias: list[np.ndarray | None] | None, tag: str) -> None:
+        (m,) = mats
+        d = None if bias is None else bias[0]
+        base, key = cand.label, cand.weight_key
+        final = w.out if d is None else ctx.var(base, f"{tag}_y", w.out.dtype)
+        if cand.details["side"] == "right":
+            ctx.node("MatMul", base, f"{tag}_out", [h, ctx.const(key, f"{tag}_C", base, m)], [final])
+        else:
+            ctx.node("MatMul", base, f"{tag}_out", [ctx.const(key, f"{tag}_Ct", base, m.T), h], [final])
+            d = None if d is None else d[:, None]
+        if d is not None:
+            ctx.node("Add", base, f"{tag}_bias", [final, ctx.const(key, f"{tag}_d", base, d.astype(m.dtype))], [w.out])

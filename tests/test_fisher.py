@@ -174,12 +174,12 @@ def test_missing_onnx2torch_gives_install_hint(monkeypatch):
 @pytest.mark.torch
 def test_onnx2torch_imports_without_torchvision(monkeypatch):
     pytest.importorskip("onnx2torch")
-    from lrcompile.fisher import _import_convert
+    from lrcompile.fisher import import_convert
 
     for k in [k for k in sys.modules if k.split(".")[0] in ("onnx2torch", "torchvision")]:
         monkeypatch.delitem(sys.modules, k)
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision -> ImportError
-    assert callable(_import_convert())
+    assert callable(import_convert())
     assert sys.modules["torchvision"] is None  # the stand-in is gone again
 
 

@@ -13,8 +13,8 @@ from onnx import TensorProto, helper
 from lrcompile import latency as L
 from lrcompile.config import CompileConfig
 from lrcompile.factorize import Factorization
-from lrcompile.pipeline import analyze
-from lrcompile.targets.ort import _WARNING
+from lrcompile.engine import analyze
+from lrcompile.sessions import session
 
 CPU = ["CPUExecutionProvider"]
 FAST = dict(repeats=3, warmup=1, budget_s=0.01)  # timing quality is not under test: keep it quick
@@ -206,11 +206,7 @@ def test_fast_rank_takes_ranks_in_any_order_and_skips_a_slow_bump():
 
 
 def _run(model, feed):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = _WARNING
-    return ort.InferenceSession(model.SerializeToString(), so, providers=CPU).run(None, feed)[0]
+    return session(model.SerializeToString(), CPU).run(None, feed)[0]
 
 
 def _svd_full(m: np.ndarray) -> Factorization:

@@ -55,8 +55,8 @@ import numpy as np
 from .types import Factorization, LayerStats, RankPolicy
 from .whiten import (
     DEFAULT_DAMPING,
-    _corrected_target,
-    _sqrt_factor,
+    corrected_target,
+    sqrt_factor,
     lowrank_in_metric,
     mean_correction,
     out_dtype,
@@ -128,10 +128,10 @@ def factorize_kfac(
     gy = 0.5 * (gy + gy.T)
     gxd, lam = _damped(gx, damping, "input")
     gyd, _ = _damped(gy, out_damping, "output-gradient")
-    root_t, root_t_solve, info_x = _sqrt_factor(gxd)
-    out_t, out_t_solve, info_y = _sqrt_factor(gyd)  # M^T m and M^-T m, Gy = M M^T
+    root_t, root_t_solve, info_x = sqrt_factor(gxd)
+    out_t, out_t_solve, info_y = sqrt_factor(gyd)  # M^T m and M^-T m, Gy = M M^T
     corrected = stats.cross is not None and not bias_correction
-    target = _corrected_target(b64, gxd, stats, lam) if corrected else b64
+    target = corrected_target(b64, gxd, stats, lam) if corrected else b64
     svd_opts = {"solver": solver, "seed": seed, "oversample": oversample, "power_iters": power_iters}
     # B M = (M^T B^T)^T; lowrank_in_metric applies L^T on the left and returns A = L^-T U_r S_r
     a, vt, r, spectrum = lowrank_in_metric(out_t(target.T).T, root_t, root_t_solve, policy, **svd_opts)

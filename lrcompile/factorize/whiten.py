@@ -137,7 +137,7 @@ def lowrank_in_metric(
     return root_t_solve(u * s), vt, r, spectrum
 
 
-def _sqrt_factor(g: np.ndarray) -> tuple[Matrix, Matrix, dict]:
+def sqrt_factor(g: np.ndarray) -> tuple[Matrix, Matrix, dict]:
     """``R^T`` and ``R^-T`` applications for ``g = R R^T`` (Cholesky, else clamped eigh)."""
     try:
         low = sla.cholesky(g, lower=True)
@@ -213,10 +213,10 @@ def factorize_whiten(
         raise ValueError("the calibration Gram is zero: the layer saw no (non-zero) inputs")
     lam = damping * scale
     gd = g + lam * np.eye(k)
-    root_t, root_t_solve, info = _sqrt_factor(gd)
+    root_t, root_t_solve, info = sqrt_factor(gd)
     svd_opts = {"solver": solver, "seed": seed, "oversample": oversample, "power_iters": power_iters}
     corrected = stats.cross is not None and not bias_correction
-    target = _corrected_target(b64, gd, stats, lam) if corrected else b64
+    target = corrected_target(b64, gd, stats, lam) if corrected else b64
     a, c, r, spectrum = lowrank_in_metric(target, root_t, root_t_solve, policy, **svd_opts)
 
     e = b64 - a @ c
@@ -253,7 +253,7 @@ def factorize_whiten(
     )
 
 
-def _corrected_target(b64: np.ndarray, gd: np.ndarray, stats: LayerStats, lam: float) -> np.ndarray:
+def corrected_target(b64: np.ndarray, gd: np.ndarray, stats: LayerStats, lam: float) -> np.ndarray:
     """``B* = (G' + lam I)^-1 (H B + lam B)``: the (ridge) least-squares map from the compressed
     model's inputs to the original output (module docstring)."""
     k = b64.shape[0]

@@ -18,18 +18,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from lrcompile import sessions
+from lrcompile.sessions import default_providers
 from lrcompile.errors import LrcError
 
 log = logging.getLogger(__name__)
 
 _EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
-_WARNING = 2  # ORT log severity: 0 verbose, 1 info, 2 warning, 3 error
-
-
-def default_providers() -> list[str]:
-    """CUDA then CPU when onnxruntime offers CUDA, else CPU."""
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
 def session(
@@ -39,40 +34,14 @@ def session(
     intra_op_threads: int | None = None,
     options: ort.SessionOptions | None = None,
 ) -> ort.InferenceSession:
-    """Make an InferenceSession with lrcompile's settings.
-
-    Graph optimization level ALL, log severity warning, an explicit provider list (None:
-    :func:`default_providers`).
-
-    Args:
-        path: the ONNX model (external data next to it is found by ORT).
-        providers: execution providers in priority order.
-        intra_op_threads: threads per op (None: ORT's default, one per physical core).
-        options: session options to start from (e.g. with optimized_model_filepath set).
+    """Make an InferenceSession with lrcompile's settings (:func:`lrcompile.sessions.session`)
+    from a file: graph optimization level ALL, log severity warning, an explicit provider list
+    (None: :func:`default_providers`).
 
     Raises:
         LrcError: the file is missing, or ORT cannot load it or offers none of the providers.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise LrcError(f"ONNX model {path} does not exist; check the path")
-    providers = list(providers) if providers is not None else default_providers()
-    missing = [p for p in providers if p not in ort.get_available_providers()]
-    if missing:
-        raise LrcError(
-            f"onnxruntime offers no {missing}; available: {ort.get_available_providers()} "
-            "(GPU providers need onnxruntime-gpu instead of onnxruntime)"
-        )
-    so = options or ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = _WARNING
-    if intra_op_threads is not None:
-        so.intra_op_num_threads = intra_op_threads
-    try:
-        return ort.InferenceSession(str(path), so, providers=providers)
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LrcError(f"ONNX Runtime cannot load {path.name}: {msg}; check the model with onnx.checker") from None
+    return sessions.session(Path(path), providers, threads=intra_op_threads, options=options)
 
 
 def _check_feeds(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], label: str) -> dict[str, np.ndarray]:

@@ -1,0 +1,152 @@
+"""The plan: per candidate, its form and fitted value, or why it stays dense.
+
+A ``Plan`` accumulates over stages (sequential calibration plans one stage at a time). Each
+distinct weight is factorized once (nodes sharing a weight share its value); a planner hands in
+the size per weight (``ranks``), else each weight's size comes from the config's rank policy.
+Other modules ask the plan questions and tell it decisions through its methods, never by editing
+its fields.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from ..config import CompileConfig
+from ..factorize import RankPolicy
+from ..forms import DEFAULT, form_for
+from ..ir import Candidate
+from ..report import LayerRecord
+from .analysis import sharers as by_weight
+from .evidence import Evidence
+
+
+def factorize_layer(cand: Candidate, config: CompileConfig, policy: RankPolicy, method: str, stats: list,
+                    form: str = DEFAULT):
+    """Fit ``cand``'s weight in ``form`` under ``policy`` with ``method`` and its statistics."""
+    return form_for(cand.pass_name, form).fit(cand, policy, method, stats,
+                                              {"solver": config.solver, "seed": config.seed, **config.method_options})
+
+
+@dataclass
+class Plan:
+    """Per-candidate decisions (``records``) and the fitted value of each weight key."""
+
+    records: list[LayerRecord] = field(default_factory=list)
+    _values: dict[str, object] = field(default_factory=dict)
+    _forms: dict[str, str] = field(default_factory=dict)
+    _owner: dict[str, str] = field(default_factory=dict)
+    _dense: dict[str, str] = field(default_factory=dict)  # weight key -> why it stays dense
+
+    # ------------------------------------------------------------------ questions
+
+    def __bool__(self) -> bool:
+        """Whether anything is to be rewritten."""
+        return bool(self._values)
+
+    def value(self, key: str):
+        return self._values.get(key)
+
+    def form(self, key: str):
+        """The form object of weight ``key``'s value."""
+        return form_for_key(self._forms[key])
+
+    def dense_reasons(self) -> dict[str, str]:
+        """Weight key -> why it stays dense, for every key decided dense so far."""
+        return dict(self._dense)
+
+    def sizes(self) -> dict[str, int]:
+        """Weight key -> chosen size (0: dense), as a planner's ``ranks``."""
+        return {r.weight: (r.rank if r.decision == "factorized" else 0) for r in self.records}
+
+    def accepted(self) -> set[str]:
+        """Labels of the candidates to rewrite."""
+        return {r.node for r in self.records if r.decision == "factorized" and r.weight in self._values}
+
+    # ------------------------------------------------------------------ decisions
+
+    def keep_dense(self, key: str, reason: str) -> None:
+        """Weight ``key`` stays dense (its records are the caller's to update)."""
+        self._values.pop(key, None)
+        self._forms.pop(key, None)
+        self._dense[key] = reason
+
+    def put(self, cand: Candidate, value, size: int, form: str = DEFAULT) -> None:
+        """Record a value made elsewhere (a timing micro model's random factors) for ``cand``."""
+        self.records.append(LayerRecord(node=cand.label, op=cand.node.op, shape=list(cand.matrices[0].shape),
+                                        decision="factorized", weight=cand.weight_key, rank=size))
+        self._values[cand.weight_key] = value
+        self._forms[cand.weight_key] = form
+        self._owner[cand.weight_key] = cand.label
+
+    def decide(self, cands: list[Candidate], config: CompileConfig, evidence: Evidence | None = None, *,
+               progress: bool = False, ranks: dict[str, int] | None = None,
+               dense_reasons: dict[str, str] | None = None, cache: dict | None = None) -> "Plan":
+        """Fit each distinct weight of ``cands`` once and decide per candidate.
+
+        Args:
+            ranks: weight key -> size chosen by a planner (``lrcompile.planner``), 0 = keep dense;
+                None: each weight's size comes from the config's rank policy. Keys missing from a
+                given dict stay dense.
+            dense_reasons: weight key -> why the planner kept it dense (for the report).
+            cache: ``(weight key, size) -> value``, shared by a planner's repeated plans.
+        """
+        evidence = evidence or Evidence()
+        policy = config.policy()
+        dense_reasons = dense_reasons or {}
+        groups = by_weight(cands)
+        for cand in tqdm(cands, desc="factorize", unit="layer", disable=None if progress else True, leave=False):
+            form = form_for(cand.pass_name)
+            rec = LayerRecord(node=cand.label, op=cand.node.op, shape=list(cand.matrices[0].shape),
+                              decision="factorized", weight=cand.weight_key, groups=len(cand.matrices),
+                              params_before=cand.params, break_even=round(form.break_even(cand), 2))
+            key = cand.weight_key
+            if ranks is not None and not ranks.get(key):
+                self._dense.setdefault(key, dense_reasons.get(key, "kept dense by the rank allocation"))
+            if key in self._dense:
+                rec.decision, rec.reason = "declined", self._dense[key]
+                self.records.append(rec)
+                continue
+            if key in self._values:
+                value = self._values[key]
+                rec.shared_with = self._owner[key]
+            else:
+                method, st, rec.reason = evidence.for_layer(cand, config.method_for(cand.label), groups[key])
+                t0 = time.perf_counter()
+                pol = policy if ranks is None else RankPolicy(rank=int(ranks[key]), multiple=1)
+                ck = (key, pol.rank) if cache is not None and pol.rank is not None else None
+                if ck is not None and ck in cache:
+                    value = cache[ck]
+                else:
+                    value = factorize_layer(cand, config, pol, method, st)
+                    if ck is not None:
+                        cache[ck] = value
+                rec.seconds = round(time.perf_counter() - t0, 4)
+            rec.rank, rec.method, rec.info = form.size(value), form.method(value), form.info(value)
+            rec.params_after = form.storage(value).params
+            rec.rel_error, rec.objective_error = form.errors(cand, value)
+            why = None if config.keep_unprofitable else form.declines(value)
+            if why:
+                rec.decision, rec.reason = "declined", why
+                self._dense[key] = why
+            elif key not in self._values:
+                self._values[key] = value
+                self._forms[key] = form.name
+                self._owner[key] = cand.label
+            self.records.append(rec)
+        return self
+
+
+def form_for_key(name: str):
+    from ..forms import FORMS
+
+    return FORMS[name]
+
+
+def plan(cands: list[Candidate], config: CompileConfig, evidence: Evidence | None = None, **kw) -> Plan:
+    """A new :class:`Plan` for ``cands`` (see :meth:`Plan.decide`)."""
+    return Plan().decide(cands, config, evidence, **kw)
+
+
+__all__ = ["Plan", "factorize_layer", "plan"]

@@ -1,0 +1,116 @@
+"""Applying a plan to a graph, exporting the result, checking it, and building trial models.
+
+``apply`` rewrites every accepted candidate through its form (one cleanup + toposort at the end)
+and returns what it did; when a rewrite fails it names the node and the pass. ``export`` keeps
+every model-level field of the original. ``check_model`` runs the full checker and strict shape
+inference. ``build`` turns a model plus sizes into the rewritten model in one call: what the
+planner's trials and the latency micro models need.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..config import CompileConfig
+from ..ir import Candidate, Namer, RewriteContext
+from .analysis import analyze
+from .evidence import Evidence
+from .plan import Plan
+
+
+class RewriteError(AssertionError):
+    """A rewrite failed: a bug of ours, with the node and the pass that failed."""
+
+    def __init__(self, node: str, pass_name: str, form: str, cause: Exception) -> None:
+        super().__init__(f"rewriting {node} ({pass_name} pass, {form} form) failed: {type(cause).__name__}: {cause}")
+        self.node, self.pass_name, self.form = node, pass_name, form
+
+
+@dataclass
+class Applied:
+    """What ``apply`` rewrote: candidate labels by form name."""
+
+    rewritten: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return sum(len(v) for v in self.rewritten.values())
+
+
+def context(graph: gs.Graph) -> RewriteContext:
+    """A fresh rewrite context (naming, shared factor constants) for ``graph``."""
+    return RewriteContext(graph, Namer(graph))
+
+
+def apply(ctx: RewriteContext, cands: list[Candidate], plan: Plan) -> Applied:
+    """Rewrite every accepted candidate of ``cands`` through its form, then one cleanup + toposort."""
+    accepted = plan.accepted()
+    done = Applied()
+    for cand in cands:
+        if cand.label not in accepted:
+            continue
+        form = plan.form(cand.weight_key)
+        try:
+            form.emit(ctx, cand, plan.value(cand.weight_key))
+        except Exception as e:  # noqa: BLE001 - any failure here is ours: name where it happened
+            raise RewriteError(cand.label, cand.pass_name, form.name, e) from e
+        done.rewritten.setdefault(form.name, []).append(cand.label)
+    ctx.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return done
+
+
+def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Export the rewritten graph, keeping every model-level field of the original exactly."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.opset_import[:]
+    model.opset_import.extend(original.opset_import)
+    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, f, getattr(original, f))
+    del model.metadata_props[:]
+    model.metadata_props.extend(original.metadata_props)
+    model.graph.doc_string = original.graph.doc_string
+    model.graph.name = original.graph.name
+    return model
+
+
+def build(model: onnx.ModelProto, config: CompileConfig, ranks: dict[str, int], *,
+          evidence: Evidence | None = None, skip: frozenset[str] = frozenset(),
+          dense_reasons: dict[str, str] | None = None, cache: dict | None = None,
+          base: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, Plan]:
+    """``model`` with each weight at its size in ``ranks`` (0 or missing: dense): a fresh import,
+    planned and rewritten. ``base``: the model whose fields the result keeps (default ``model``)."""
+    analysis = analyze(model, config, skip=skip)
+    p = Plan().decide(analysis.candidates, config, evidence, ranks=ranks, dense_reasons=dense_reasons, cache=cache)
+    apply(context(analysis.graph), analysis.candidates, p)
+    return export(analysis.graph, base if base is not None else model), p
+
+
+def check_model(path: Path, original_path: Path) -> list[str]:
+    """Full checker and strict shape inference on the output. A check the original itself fails
+    is reported as a note instead of an error (it is not ours to fix)."""
+    notes = []
+    for name, fn in (
+        ("onnx.checker (full)", lambda p: onnx.checker.check_model(str(p), full_check=True)),
+        ("strict shape inference", lambda p: onnx.shape_inference.infer_shapes_path(
+            str(p), str(p) + ".inferred", check_type=True, strict_mode=True, data_prop=True)),
+    ):
+        try:
+            fn(path)
+        except Exception as e:  # noqa: BLE001 - onnx raises several types
+            try:
+                fn(original_path)
+            except Exception:  # noqa: BLE001
+                notes.append(f"{name} skipped: the original model fails it too")
+                continue
+            finally:
+                Path(str(original_path) + ".inferred").unlink(missing_ok=True)
+            raise AssertionError(f"rewritten model fails {name}: {e}") from e
+        finally:
+            Path(str(path) + ".inferred").unlink(missing_ok=True)
+    return notes
+
+
+__all__ = ["Applied", "RewriteError", "apply", "build", "check_model", "context", "export"]

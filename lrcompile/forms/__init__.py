@@ -1,0 +1,37 @@
+"""Forms: what a layer becomes.
+
+A form is a value that knows one shape of replacement and nothing else knows it: what it stores
+(each tensor, its dtype, index overhead: storage bytes and a parameter-equivalent), its FLOPs at
+given shapes, the sizes the planner may choose from, the method's error at each size, and how it
+emits nodes for each op it applies to (through the op's primitives, ``ir.RewritePass``). The
+engine and the planner ask forms; the numpy math stays in ``lrcompile.factorize``.
+
+The explicit registry: a new form is its math (``factorize/``), its module here, one line in
+``FORMS`` below, and its tests.
+
+Two kinds of site exist today. A *layer form* replaces one candidate's weight (``ir.Candidate``;
+nodes sharing a weight share one value): ``lowrank``. A *pair form* spans the two layers of an
+MLP pair (``passes.mlp.MlpPair``): ``channels``, hidden-channel pruning with a least-squares refit.
+The planner prices every (form, size) of every site under one budget.
+"""
+from __future__ import annotations
+
+from .base import Storage, Stored
+from .channels import ChannelsForm
+from .lowrank import LowRankForm
+
+
+#: name -> form (the registry); the default form of every candidate is ``lowrank``.
+FORMS = {f.name: f for f in (LowRankForm(), ChannelsForm())}
+DEFAULT = "lowrank"
+
+
+def form_for(pass_name: str, name: str = DEFAULT):
+    """The form ``name`` if it applies to candidates of pass ``pass_name``; KeyError otherwise."""
+    form = FORMS[name]
+    if pass_name not in form.ops:
+        raise KeyError(f"form {name!r} does not apply to {pass_name} nodes")
+    return form
+
+
+__all__ = ["DEFAULT", "FORMS", "Storage", "Stored", "form_for"]
