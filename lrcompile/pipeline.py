@@ -178,7 +178,7 @@ def _factorize_one_shot(run: _Run) -> None:
         _, run.pruned, run.pruning["pairs"], analysis = _prune_chosen(run, run.model)
         run.reanalyze(analysis)
         planner = run.planner
-        run.plan = Plan().decide(analysis.candidates, config, run.evidence, ranks=planner.ranks,
+        run.plan = Plan().decide(analysis.candidates, config, run.evidence, ranks=planner.ranks, forms=planner.forms,
                                  dense_reasons=planner.dense_reasons, cache=planner.cache)
         planner.annotate(run.plan.records, planner.ranks)
     run.mark("factorize")
@@ -191,12 +191,12 @@ def _factorize_sequential(run: _Run) -> None:
     original's outputs (target correction). Under a budget, the sizes come from one-shot statistics
     (the planner's error curves and sensitivities); the factors are then fitted stage by stage."""
     config, pairs = run.config, run.pairs
-    ranks = reasons = p0 = None
+    ranks = reasons = forms = p0 = None
     if config.budget is not None or config.resolved_latency_aware:
         stats0, _ = _calibrate(run, run.model, run.analysis.candidates, progress=run.progress)
         run.evidence.stats = stats0
         p0, run.planner, run.plan_info = _plan_sizes(run)
-        ranks, reasons = p0.sizes(), p0.dense_reasons()
+        ranks, reasons, forms = p0.sizes(), p0.dense_reasons(), p0.forms()
         if pairs and pairs.pairs:  # prune the chosen widths first: the stages then fit the rest on it
             run.model, run.pruned, run.pruning["pairs"], analysis = _prune_chosen(run, run.model)
             run.reanalyze(analysis)
@@ -210,7 +210,7 @@ def _factorize_sequential(run: _Run) -> None:
                                      reference=run.model if p else None, pairs=False)
             run.calib_info["stages"].append(info)
         ev = Evidence(stats=stats, fisher=run.evidence.fisher, curvature=run.evidence.curvature)
-        p.decide(stage, config, ev, ranks=ranks, dense_reasons=reasons)
+        p.decide(stage, config, ev, ranks=ranks, forms=forms, dense_reasons=reasons)
         apply(run.ctx, stage, p)
     if p0 is not None:  # carry the planner's per-layer details over to the final records
         before = {r.node: r for r in p0.records}
@@ -339,7 +339,7 @@ def _plan_sizes(run: _Run):
     if timing is not None:
         planner.limit_latency(timing)
     ranks = planner.run()
-    p = Plan().decide(cands, config, run.evidence, progress=run.progress, ranks=ranks,
+    p = Plan().decide(cands, config, run.evidence, progress=run.progress, ranks=ranks, forms=planner.forms,
                       dense_reasons=planner.dense_reasons, cache=planner.cache)
     planner.annotate(p.records, ranks)
     return p, planner, planner.info

@@ -36,7 +36,7 @@ from .engine import Evidence, Plan, build, sharers
 from .errors import LrcError
 from .factorize import LayerStats
 from .factorize.allocate import Allocation, LayerOptions, allocate, allocate_threshold, min_cost
-from .forms import FORMS, form_for
+from .forms import DEFAULT, FORMS
 from .ir import Candidate, node_label
 
 log = logging.getLogger(__name__)
@@ -107,25 +107,31 @@ class Layer:
         return dense, fact
 
 
+def layer_forms(cand: Candidate) -> list:
+    """The forms the planner prices for ``cand``'s weight: every registered form for its op."""
+    return [f for f in FORMS.values() if cand.pass_name in f.ops]
+
+
 def build_layers(cands: list[Candidate], config: CompileConfig, evidence: Evidence | None, *, progress: bool
                  ) -> list[Layer]:
-    """Decompose every distinct weight in full in its form and read its error curve off the spectrum."""
+    """One entry per distinct weight and form: the weight decomposed in full in that form, its
+    error at every size read off the result (a spectrum's tail for low rank)."""
     evidence = evidence or Evidence()
     layers = []
     opts = {"solver": config.solver, "seed": config.seed, **config.method_options}
     for key, group in tqdm(sharers(cands).items(), desc="spectra", unit="weight", disable=None if progress else True,
                            leave=False):
         cand = group[0]
-        form = form_for(cand.pass_name)
         method, st, note = evidence.for_layer(cand, config.method_for(cand.label), group)
-        full = form.fit_full(cand, method, st, opts)
-        grid = form.sizes(cand, config.multiple)
-        has_bias = full[0].bias is not None
-        err2, spectra = form.curve(full, grid)
-        layers.append(Layer(key=key, cands=group, method=method, stats=st, note=note, spectra=spectra,
-                            totals=[float(np.sum(x**2)) for x in spectra], grid=grid,
-                            params=form.params(cand, grid, bias=has_bias), dense_params=cand.params,
-                            err2=err2, has_bias=has_bias, form=form))
+        for form in layer_forms(cand):
+            full = form.fit_full(cand, method, st, opts)
+            grid = form.sizes(cand, config.multiple)
+            has_bias = full[0].bias is not None
+            err2, spectra = form.curve(full, grid)
+            layers.append(Layer(key=key, cands=group, method=method, stats=st, note=note, spectra=spectra,
+                                totals=[float(np.sum(x**2)) for x in spectra], grid=grid,
+                                params=form.params(cand, grid, bias=has_bias), dense_params=cand.params,
+                                err2=err2, has_bias=has_bias, form=form))
     return layers
 
 
@@ -173,7 +179,8 @@ class Planner:
         self.model, self.config, self.evidence = model, config, evidence or Evidence()
         self.pairs = pairs if pairs is not None and pairs.pairs else None
         self.ranks: dict[str, int] = {}
-        self._groups: dict[str, list[tuple[int, dict[str, int]]]] = {}  # pair key -> its choices, decoded
+        self.forms: dict[str, str] = {}  # key -> the chosen form, where a key's choices span several
+        self._groups: dict[str, list[dict[str, tuple[str, int]]]] = {}  # key -> its choices, decoded
         self.progress = progress
         self.cache: dict = {}  # (weight key, rank) -> factorizations, shared by every plan built
         self.info: dict = {"budget": config.budget, "allocation": config.resolved_allocation}
@@ -201,14 +208,14 @@ class Planner:
 
     # ------------------------------------------------------------------ building and measuring models
 
-    def build(self, ranks: dict[str, int]) -> onnx.ModelProto:
-        """The model with these sizes (ranks, MLP pair widths; 0: dense), on a fresh import of the
-        model with those pairs pruned."""
+    def build(self, ranks: dict[str, int], forms: dict[str, str] | None = None) -> onnx.ModelProto:
+        """The model with these sizes (ranks, MLP pair widths; 0: dense) in these forms (missing:
+        the default), on a fresh import of the model with those pairs pruned."""
         model, skip = self.model, frozenset()
         if self.pairs is not None:
             model, _, _ = self.pairs.prune(model, ranks, reason="planner")
             skip = self.pairs.pruned_labels(ranks)
-        new, _ = build(model, self.config, ranks, evidence=self.evidence, skip=skip,
+        new, _ = build(model, self.config, ranks, forms=forms, evidence=self.evidence, skip=skip,
                        dense_reasons=self.dense_reasons, cache=self.cache, base=self.model)
         return new
 
@@ -253,7 +260,7 @@ class Planner:
                                  leave=False):
             ranks = {x.key: 0 for x in self.layers}  # 0: dense (a pair: whole)
             ranks[layer.key] = probe["rank"]
-            m = ev.measure(self.build(ranks))
+            m = ev.measure(self.build(ranks, {layer.key: layer.form.name}))
             probe["err2"] = float(layer.err2[np.searchsorted(layer.grid, probe["rank"])])
             probe["signal"] = self._signal(m)
             probe["metric"] = float(m.value)
@@ -275,7 +282,8 @@ class Planner:
         from . import latency
 
         points = {}
-        for layer in self.layers:
+        timed = [x for x in self.layers if x.pair is None and hasattr(x.form, "random")]  # random values to time
+        for layer in timed:
             g = layer.grid
             pick = sorted({int(g[i]) for i in np.linspace(0, len(g) - 1, min(4, len(g))).round().astype(int)}) if len(g) else []
             for c in layer.cands:
@@ -283,10 +291,10 @@ class Planner:
         cache = latency.TimingCache(None if self.config.timing_cache in (None, "") else self.config.timing_cache,
                                     enabled=self.config.timing_cache != "none")
         t0 = time.perf_counter()
-        timings = latency.time_layers(self.model, [c for x in self.layers for c in x.cands], feeds_by_batch,
+        timings = latency.time_layers(self.model, [c for x in timed for c in x.cands], feeds_by_batch,
                                       points, cache=cache, progress=self.progress)
         cache.save()
-        for layer in self.layers:
+        for layer in timed:
             fast, rows = None, []
             for c in layer.cands:
                 for t in timings.get(c.label, []):
@@ -319,25 +327,38 @@ class Planner:
         return LayerOptions(layer.key, g, c, layer.loss()[keep], dense, spectrum=s)
 
     def options(self, cost: str) -> list[LayerOptions]:
-        """One entry per weight; an MLP pair and its two layers' weights make one entry whose
-        choices are exclusive: a pruned width, or low rank (or dense) for each of the two layers
-        (the Pareto front of their combinations). ``allocate`` decodes those choices."""
-        single = {layer.key: self._options(layer, cost) for layer in self.layers}
+        """One entry per site (a weight, or an MLP pair with its two layers' weights) whose choices
+        exclude each other: every (form, size) of the site, and for a pair its pruned widths or any
+        choices of its two layers (the Pareto front of their combinations); ``allocate`` decodes
+        those choices. A weight with a single form keeps its sizes as its choice ids."""
+        per_key: dict[str, list[Layer]] = {}
+        for layer in self.layers:
+            per_key.setdefault(layer.key, []).append(layer)
+        single: dict[str, LayerOptions] = {}
+        tables: dict[str, list[dict[str, tuple[str, int]]]] = {}
+        for key, ls in per_key.items():
+            if len(ls) == 1:
+                single[key] = self._options(ls[0], cost)
+            else:
+                single[key], tables[key] = _exclusive(key, [(x.form.name, self._options(x, cost)) for x in ls])
         self._groups = {}
         if self.pairs is None:
+            self._groups = tables
             return list(single.values())
-        by_node = {c.label: layer for layer in self.layers if layer.pair is None for c in layer.cands}
+        weights = {c.label: x for x in self.layers if x.pair is None for c in x.cands}
         grouped: set[str] = set()
         out = []
         for layer in self.layers:
             if layer.pair is None:
                 continue
-            parts = [by_node.get(node_label(n)) for n in (layer.pair.up.node, layer.pair.down.node)]
+            parts = [weights.get(node_label(n)) for n in (layer.pair.up.node, layer.pair.down.node)]
             parts = [x for x in parts if x is not None and x.key not in grouped and len(x.cands) == 1]
-            opt, choices = _pair_choices(single[layer.key], [single[x.key] for x in parts])
+            opt, choices = _pair_choices(single[layer.key], [single[x.key] for x in parts], form=layer.form.name,
+                                         decode={x.key: (tables.get(x.key), x.form.name) for x in parts})
             self._groups[layer.key] = choices
             grouped.update([layer.key, *(x.key for x in parts)])
             out.append(opt)
+        self._groups.update({k: t for k, t in tables.items() if k not in grouped})
         return out + [o for k, o in single.items() if k not in grouped]
 
     def allocate(self, fraction: float, cost: str = "params") -> Allocation:
@@ -370,12 +391,12 @@ class Planner:
             fraction = getattr(cfg, cfg.budget)
             alloc = self.allocate(fraction, cfg.budget)
             self.info.update(self._describe(alloc, cfg.budget, fraction))
-            self.ranks = alloc.ranks
         else:
-            self.ranks = self.search(cfg.max_drop)
+            alloc = self.search(cfg.max_drop)
+        self.ranks, self.forms = alloc.ranks, alloc.forms
         return self.ranks
 
-    def search(self, eps: float) -> dict[str, int]:
+    def search(self, eps: float) -> Allocation:
         """Smallest parameter fraction whose measured drop is at most ``eps`` (bisection)."""
         ev = self.evaluator(search=True)
         opts = self.options("params")
@@ -386,7 +407,7 @@ class Planner:
 
         def measure(f: float):
             alloc = self.allocate(f)
-            m = ev.measure(self.build(alloc.ranks))
+            m = ev.measure(self.build(alloc.ranks, alloc.forms))
             walked.append({"fraction": round(f, 6), "params": alloc.cost, "params_ratio": alloc.cost / dense,
                            "predicted_loss": alloc.loss, "metric": m.value, "drop": m.drop,
                            "passed": bool(m.drop <= eps)})
@@ -414,7 +435,7 @@ class Planner:
                            "raise --max-drop or --search-steps, or add calibration data")
         self.info.update(self._describe(best, "params", hi))
         self.info["measured"] = next(w for w in walked if w["fraction"] == round(hi, 6))
-        return best.ranks
+        return best
 
     def _predicted_fraction(self, opts: list[LayerOptions], eps: float, lo: float) -> float:
         """Where to start the search: the fraction whose *predicted* drop is ``eps`` when the
@@ -431,16 +452,19 @@ class Planner:
         return min(max(b, lo), 1.0)
 
     def _decoded(self, alloc: Allocation) -> Allocation:
-        """The allocation with each MLP pair's choice turned into its width and its layers' ranks."""
+        """The allocation with each site's choice id turned into sizes and forms (an MLP pair: its
+        width, or its layers' sizes)."""
         if not self._groups:
             return alloc
-        ranks = dict(alloc.ranks)
+        ranks, forms = dict(alloc.ranks), dict(alloc.forms)
         for key, choices in self._groups.items():
             i = ranks.pop(key, 0)
-            width, lowrank = choices[i - 1] if i else (0, {})
-            ranks[key] = width
-            ranks.update(lowrank)
-        return replace(alloc, ranks=ranks)
+            ranks[key] = 0  # dense (a pair: whole) unless the choice names it
+            for k, (form, size) in (choices[i - 1] if i else {}).items():
+                ranks[k] = size
+                if size:
+                    forms[k] = form
+        return replace(alloc, ranks=ranks, forms=forms)
 
     def _describe(self, alloc: Allocation, kind: str, fraction: float) -> dict:
         return {"budget_kind": kind, "fraction": fraction, "limit": alloc.budget, "cost": alloc.cost,
@@ -449,7 +473,7 @@ class Planner:
 
     def annotate(self, records, ranks: dict[str, int]) -> None:
         """Per-layer plan details on the pipeline's records (sensitivity, predicted loss, FLOPs, latency)."""
-        by_key = {x.key: x for x in self.layers}
+        by_key = {x.key: x for x in self.layers if x.form.name == self.forms.get(x.key, DEFAULT) or x.pair is not None}
         by_node = {node_label(n): x for x in self.layers if x.pair is not None
                    for n in (x.pair.up.node, x.pair.down.node)}
         for rec in records:
@@ -476,25 +500,50 @@ class Planner:
             rec.latency = [t for t in layer.latency if t["node"] == rec.node] or None
 
 
-def _pair_choices(prune: LayerOptions, parts: list[LayerOptions]
-                  ) -> tuple[LayerOptions, list[tuple[int, dict[str, int]]]]:
-    """One MLP pair's exclusive choices: each pruned width (``prune``), or any ranks of its layers'
-    own options (``parts``, dense included), keeping only combinations no other beats on both cost
-    and loss. Returns the merged options (choice ids 1, 2, ...; 0 stays "all dense") and, per id,
-    ``(width, {layer key: rank})``."""
-    cands: list[tuple[float, float, int, dict[str, int]]] = [
-        (float(c), float(l), int(w), {}) for w, c, l in zip(prune.ranks, prune.cost, prune.loss)]
+def _decode(key: str, i: int, table: list[dict[str, tuple[str, int]]] | None, form: str) -> dict[str, tuple[str, int]]:
+    """Choice ``i`` (0: dense) of site ``key`` as ``{key: (form, size)}``."""
+    if table is None:
+        return {key: (form, int(i))}
+    return table[i - 1] if i else {key: (form, 0)}
+
+
+def _exclusive(key: str, alternatives: list[tuple[str, LayerOptions]]
+               ) -> tuple[LayerOptions, list[dict[str, tuple[str, int]]]]:
+    """One weight's choices across forms: every (form, size) that no other beats on both cost and
+    loss and that costs less than dense. Returns the merged options (choice ids 1, 2, ...; 0 stays
+    dense) and, per id, ``{key: (form, size)}``."""
+    dense = alternatives[0][1].dense_cost
+    items = [(float(c), float(l), {key: (form, int(r))})
+             for form, o in alternatives for r, c, l in zip(o.ranks, o.cost, o.loss)]
+    front = [x for x in _pareto(items) if x[0] < dense]
+    opt = LayerOptions(key, np.arange(1, len(front) + 1), np.array([c for c, _, _ in front], np.float64),
+                       np.array([l for _, l, _ in front], np.float64), dense)
+    return opt, [x[2] for x in front]
+
+
+def _pair_choices(prune: LayerOptions, parts: list[LayerOptions], *, form: str = "channels",
+                  decode: dict[str, tuple[list | None, str]] | None = None
+                  ) -> tuple[LayerOptions, list[dict[str, tuple[str, int]]]]:
+    """One MLP pair's exclusive choices: each pruned width (``prune``, in ``form``), or any choices
+    of its layers' own options (``parts``, dense included), keeping only combinations no other
+    beats on both cost and loss. ``decode``: per part, the table of a part whose choices span
+    several forms (``_exclusive``) or None, and its form (default: no table, ``lowrank``). Returns
+    the merged options (choice ids 1, 2, ...; 0 stays "all dense") and, per id,
+    ``{key: (form, size)}``: the pair's width, or its layers' sizes."""
+    decode = decode or {}
+    cands: list[tuple[float, float, dict]] = [
+        (float(c), float(l), {prune.key: (form, int(w))}) for w, c, l in zip(prune.ranks, prune.cost, prune.loss)]
     combos = [(0.0, 0.0, {})]
     for part in parts:
-        ranks, cost, loss = part.choices()
-        combos = [(c0 + float(c), l0 + float(l), {**r0, part.key: int(r)})
-                  for c0, l0, r0 in combos for r, c, l in zip(ranks, cost, loss)]
+        ids, cost, loss = part.choices()
+        table, part_form = decode.get(part.key, (None, DEFAULT))
+        combos = [(c0 + float(c), l0 + float(l), {**r0, **_decode(part.key, int(i), table, part_form)})
+                  for c0, l0, r0 in combos for i, c, l in zip(ids, cost, loss)]
         combos = _pareto(combos)
     dense = prune.dense_cost
     offset = dense - sum(p.dense_cost for p in parts)  # a layer of the pair that is no candidate stays dense
-    cands += [(c + offset, l, 0, r) for c, l, r in combos if any(r.values())]
-    front = _pareto([(c, l, (w, r)) for c, l, w, r in cands])
-    front = [x for x in front if x[0] < dense]
+    cands += [(c + offset, l, r) for c, l, r in combos if any(size for _, size in r.values())]
+    front = [x for x in _pareto(cands) if x[0] < dense]
     opt = LayerOptions(prune.key, np.arange(1, len(front) + 1), np.array([c for c, _, _ in front], np.float64),
                        np.array([l for _, l, _ in front], np.float64), dense)
     return opt, [x[2] for x in front]

@@ -263,9 +263,27 @@ def test_pair_choices_are_exclusive_and_on_the_pareto_front():
     opt, choices = _pair_choices(prune, [up, down])
     assert opt.dense_cost == 160.0 and len(choices) == len(opt.ranks)
     assert np.all(np.diff(opt.cost) > 0) and np.all(np.diff(opt.loss) < 0)  # the Pareto front, by cost
-    for (width, ranks), c in zip(choices, opt.cost):
-        assert (width == 0) == bool(ranks)  # exactly one kind of cut
+    for choice, c in zip(choices, opt.cost):
+        assert ("mlp:p" in choice) != ("W_up" in choice)  # exactly one kind of cut
         assert c < 160.0
-    decoded = {c: (w, r) for (w, r), c in zip(choices, opt.cost)}
-    assert decoded[40.0] == (8, {})  # the cheapest cut is a width
-    assert decoded[60.0 + 64.0] == (0, {"W_up": 4, "W_down": 0})  # up at rank 4, down dense: loss 0.01
+    decoded = dict(zip(opt.cost, choices))
+    assert decoded[40.0] == {"mlp:p": ("channels", 8)}  # the cheapest cut is a width
+    # up at rank 4, down dense: loss 0.01
+    assert decoded[60.0 + 64.0] == {"W_up": ("lowrank", 4), "W_down": ("lowrank", 0)}
+
+
+def test_a_weight_priced_in_several_forms_gets_one_exclusive_choice():
+    """Two forms of one weight merge into one entry of the knapsack: every (form, size) on the
+    Pareto front of cost and loss, cheaper than dense, each id decoding to its form and size."""
+    from lrcompile.factorize.allocate import LayerOptions, allocate
+    from lrcompile.planner import _exclusive
+
+    a = LayerOptions("W", np.array([8, 16, 24]), np.array([40.0, 80.0, 120.0]), np.array([0.5, 0.2, 0.1]), 100.0)
+    b = LayerOptions("W", np.array([1, 2]), np.array([50.0, 90.0]), np.array([0.3, 0.01]), 100.0)
+    opt, table = _exclusive("W", [("lowrank", a), ("other", b)])
+    assert [t["W"] for t in table] == [("lowrank", 8), ("other", 1), ("lowrank", 16), ("other", 2)]
+    assert list(opt.cost) == [40.0, 50.0, 80.0, 90.0] and np.all(np.diff(opt.loss) < 0)
+    # the knapsack picks by id; the budget decides which form wins
+    alone = LayerOptions("V", np.array([4]), np.array([10.0]), np.array([0.05]), 20.0)
+    got = allocate([opt, alone], 100.0)
+    assert table[got.ranks["W"] - 1] == {"W": ("other", 2)} and got.ranks["V"] == 4  # 90 + 10: loss 0.06

@@ -50,7 +50,9 @@ class Plan:
 
     def form(self, key: str):
         """The form object of weight ``key``'s value."""
-        return form_for_key(self._forms[key])
+        from ..forms import FORMS
+
+        return FORMS[self._forms[key]]
 
     def dense_reasons(self) -> dict[str, str]:
         """Weight key -> why it stays dense, for every key decided dense so far."""
@@ -59,6 +61,10 @@ class Plan:
     def sizes(self) -> dict[str, int]:
         """Weight key -> chosen size (0: dense), as a planner's ``ranks``."""
         return {r.weight: (r.rank if r.decision == "factorized" else 0) for r in self.records}
+
+    def forms(self) -> dict[str, str]:
+        """Weight key -> the name of its value's form, for every key with a value."""
+        return dict(self._forms)
 
     def accepted(self) -> set[str]:
         """Labels of the candidates to rewrite."""
@@ -81,7 +87,7 @@ class Plan:
         self._owner[cand.weight_key] = cand.label
 
     def decide(self, cands: list[Candidate], config: CompileConfig, evidence: Evidence | None = None, *,
-               progress: bool = False, ranks: dict[str, int] | None = None,
+               progress: bool = False, ranks: dict[str, int] | None = None, forms: dict[str, str] | None = None,
                dense_reasons: dict[str, str] | None = None, cache: dict | None = None) -> "Plan":
         """Fit each distinct weight of ``cands`` once and decide per candidate.
 
@@ -89,15 +95,16 @@ class Plan:
             ranks: weight key -> size chosen by a planner (``lrcompile.planner``), 0 = keep dense;
                 None: each weight's size comes from the config's rank policy. Keys missing from a
                 given dict stay dense.
+            forms: weight key -> the form its size is in (missing: the default form).
             dense_reasons: weight key -> why the planner kept it dense (for the report).
-            cache: ``(weight key, size) -> value``, shared by a planner's repeated plans.
+            cache: ``(weight key, form, size) -> value``, shared by a planner's repeated plans.
         """
         evidence = evidence or Evidence()
         policy = config.policy()
         dense_reasons = dense_reasons or {}
         groups = by_weight(cands)
         for cand in tqdm(cands, desc="factorize", unit="layer", disable=None if progress else True, leave=False):
-            form = form_for(cand.pass_name)
+            form = form_for(cand.pass_name, (forms or {}).get(cand.weight_key, DEFAULT))
             rec = LayerRecord(node=cand.label, op=cand.node.op, shape=list(cand.matrices[0].shape),
                               decision="factorized", weight=cand.weight_key, groups=len(cand.matrices),
                               params_before=cand.params, break_even=round(form.break_even(cand), 2))
@@ -115,11 +122,11 @@ class Plan:
                 method, st, rec.reason = evidence.for_layer(cand, config.method_for(cand.label), groups[key])
                 t0 = time.perf_counter()
                 pol = policy if ranks is None else RankPolicy(rank=int(ranks[key]), multiple=1)
-                ck = (key, pol.rank) if cache is not None and pol.rank is not None else None
+                ck = (key, form.name, pol.rank) if cache is not None and pol.rank is not None else None
                 if ck is not None and ck in cache:
                     value = cache[ck]
                 else:
-                    value = factorize_layer(cand, config, pol, method, st)
+                    value = factorize_layer(cand, config, pol, method, st, form.name)
                     if ck is not None:
                         cache[ck] = value
                 rec.seconds = round(time.perf_counter() - t0, 4)
@@ -136,12 +143,6 @@ class Plan:
                 self._owner[key] = cand.label
             self.records.append(rec)
         return self
-
-
-def form_for_key(name: str):
-    from ..forms import FORMS
-
-    return FORMS[name]
 
 
 def plan(cands: list[Candidate], config: CompileConfig, evidence: Evidence | None = None, **kw) -> Plan:

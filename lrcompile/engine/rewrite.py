@@ -77,13 +77,15 @@ def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def build(model: onnx.ModelProto, config: CompileConfig, ranks: dict[str, int], *,
-          evidence: Evidence | None = None, skip: frozenset[str] = frozenset(),
+          forms: dict[str, str] | None = None, evidence: Evidence | None = None, skip: frozenset[str] = frozenset(),
           dense_reasons: dict[str, str] | None = None, cache: dict | None = None,
           base: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, Plan]:
-    """``model`` with each weight at its size in ``ranks`` (0 or missing: dense): a fresh import,
-    planned and rewritten. ``base``: the model whose fields the result keeps (default ``model``)."""
+    """``model`` with each weight at its size in ``ranks`` (0 or missing: dense), in its form in
+    ``forms`` (missing: the default form): a fresh import, planned and rewritten. ``base``: the
+    model whose fields the result keeps (default ``model``)."""
     analysis = analyze(model, config, skip=skip)
-    p = Plan().decide(analysis.candidates, config, evidence, ranks=ranks, dense_reasons=dense_reasons, cache=cache)
+    p = Plan().decide(analysis.candidates, config, evidence, ranks=ranks, forms=forms, dense_reasons=dense_reasons,
+                      cache=cache)
     apply(context(analysis.graph), analysis.candidates, p)
     return export(analysis.graph, base if base is not None else model), p
 

@@ -64,13 +64,15 @@ class LayerOptions:
 
 @dataclass(frozen=True)
 class Allocation:
-    """The chosen rank per weight (0: dense), with the totals it was chosen on."""
+    """The chosen rank (size) per weight (0: dense), with the totals it was chosen on; ``forms``
+    names the chosen form of a weight whose choices spanned several forms (a caller's decoding)."""
 
     ranks: dict[str, int]
     cost: float
     loss: float
     budget: float
     info: dict = field(default_factory=dict)
+    forms: dict[str, str] = field(default_factory=dict)
 
 
 def tail_curve(spectra: list[np.ndarray], totals: list[float], ranks: np.ndarray) -> np.ndarray:
