@@ -95,8 +95,8 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     src = Path(input_path)
     run = _Run(config=config, src=src, out=Path(output) if output is not None else default_output(src),
                progress=progress, t={"start": time.perf_counter()})
-    for _name, stage in STAGES:
-        stage(run)
+    for stage in STAGES:
+        stage.run(run)
     return run.result
 
 
@@ -290,9 +290,38 @@ def _write(run: _Run) -> None:
                                  + " (no output written; relax the rank policy or the tolerance)", result=result)
 
 
-#: The stages, in order; their names make the report's timings and the module docstring's diagram.
-STAGES = (("load", _load), ("prune-mlp", _prune), ("analyze", _analyze), ("evidence", _evidence),
-          ("factorize", _factorize), ("distill", _distill_stage), ("measure", _measure), ("write", _write))
+@dataclass(frozen=True)
+class Stage:
+    """A named step of a compile: ``run`` extends the ``_Run``; ``describe`` gives the steps it adds
+    to the report's pipeline string for a config (none: the stage does nothing the string shows)."""
+
+    name: str
+    run: object
+    describe: object = lambda config: []
+
+
+def _describe_factorize(c: CompileConfig) -> list[str]:
+    return ((["calibrate"] if c.calib else []) + [f"{c.resolved_method}{{{c.describe_ranks()},multiple={c.multiple}}}",
+                                                  "rewrite", "cleanup"])
+
+
+#: The stages, in order; their names are the module docstring's diagram, their descriptions the
+#: report's ``pipeline`` string (``pipeline_string``).
+STAGES = (
+    Stage("load", _load),
+    Stage("prune-mlp", _prune, lambda c: [f"prune-mlp{{keep={_g(c.prune_mlp)}}}"] if c.prune_mlp is not None else []),
+    Stage("analyze", _analyze, lambda c: ["analyze"]),
+    Stage("evidence", _evidence),
+    Stage("factorize", _factorize, _describe_factorize),
+    Stage("distill", _distill_stage),
+    Stage("measure", _measure),
+    Stage("write", _write, lambda c: ["check"] + (["verify"] if c.verify else []) + [f"target={c.target}"]),
+)
+
+
+def pipeline_string(config: CompileConfig) -> str:
+    """What the stages do for ``config``, e.g. ``analyze,calibrate,whiten{ratio=0.5,multiple=8},...``."""
+    return ",".join(step for stage in STAGES for step in stage.describe(config))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -429,10 +458,7 @@ def build_report(res: CompileResult, *, notes: list[str], folded: list[str]) -> 
         "output": str(out) if out else None,
         "output_sha256": sha256(out) if out else None,
         "config": res.config.to_dict(),
-        "pipeline": ((f"prune-mlp{{keep={_g(res.config.prune_mlp)}}}," if res.config.prune_mlp is not None else "")
-                     + "analyze," + ("calibrate," if res.config.calib else "")
-                     + f"{res.config.resolved_method}{{{res.config.describe_ranks()},multiple={res.config.multiple}}},"
-                    "rewrite,cleanup,check" + (",verify" if res.config.verify else "") + f",target={res.config.target}"),
+        "pipeline": pipeline_string(res.config),
         "totals": totals(res.layers),
         "layers": res.layers,
         "verification": {"feeds": res.feeds, "outputs": res.verification},
