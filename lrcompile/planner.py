@@ -108,8 +108,9 @@ class Layer:
 
 
 def layer_forms(cand: Candidate) -> list:
-    """The forms the planner prices for ``cand``'s weight: every registered form for its op."""
-    return [f for f in FORMS.values() if cand.pass_name in f.ops]
+    """The forms the planner prices for ``cand``'s weight: every registered form for its op that is
+    priced by default (a form that is not waits for an option that asks for it)."""
+    return [f for f in FORMS.values() if cand.pass_name in f.ops and f.priced_by_default]
 
 
 def build_layers(cands: list[Candidate], config: CompileConfig, evidence: Evidence | None, *, progress: bool

@@ -16,7 +16,7 @@ The planner prices every (form, size) of every site under one budget.
 """
 from __future__ import annotations
 
-from .base import Storage, Stored
+from .base import LayerForm, Storage, Stored
 from .channels import ChannelsForm
 from .lowrank import LowRankForm
 
@@ -34,4 +34,4 @@ def form_for(pass_name: str, name: str = DEFAULT):
     return form
 
 
-__all__ = ["DEFAULT", "FORMS", "Storage", "Stored", "form_for"]
+__all__ = ["DEFAULT", "FORMS", "LayerForm", "Storage", "Stored", "form_for"]

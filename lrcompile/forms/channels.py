@@ -23,6 +23,7 @@ class ChannelsForm:
 
     name = "channels"
     ops = ("mlp",)
+    priced_by_default = False  # priced for MLP pairs under --prune-mlp auto (lrcompile.pruning)
 
     def sizes(self, pair, multiple: int) -> np.ndarray:
         m = max(1, multiple)

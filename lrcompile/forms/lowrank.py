@@ -34,6 +34,7 @@ class LowRankForm:
 
     name = "lowrank"
     ops = ("matmul", "gemm", "conv", "gather")
+    priced_by_default = True
 
     # ------------------------------------------------------------------ fitting (numpy, factorize/)
 
