@@ -606,15 +606,11 @@ def latency_declines(p: Plan, model: onnx.ModelProto, cands: list[Candidate], fe
                 slow_keys.setdefault(c.weight_key, (
                     f"not faster factorized on {latency.describe_target()}: at batch {t.batch} dense "
                     f"{t.dense_ms:.3f} ms, rank {planned[c.label]} {t.factorized_ms[0]:.3f} ms"))
-    by_label = {c.label: c for c in cands}
     for rec in p.records:
-        c = by_label.get(rec.node)
         rec_t = [t for t in timings.get(rec.node, [])]
         if rec_t:
             rec.latency = [{"node": rec.node, "batch": t.batch, "dense_ms": t.dense_ms, "ranks": list(t.ranks),
                             "factorized_ms": list(t.factorized_ms), "fast_rank": t.fast_rank()} for t in rec_t]
-        if c is not None and c.weight_key in slow_keys and rec.decision == "factorized":
-            rec.decision, rec.reason = "declined", slow_keys[c.weight_key]
     for key, why in slow_keys.items():
         p.keep_dense(key, why)
     return {"target": latency.describe_target(), "batches": sorted(feeds_by_batch), "kept_dense": len(slow_keys),

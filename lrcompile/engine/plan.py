@@ -73,10 +73,13 @@ class Plan:
     # ------------------------------------------------------------------ decisions
 
     def keep_dense(self, key: str, reason: str) -> None:
-        """Weight ``key`` stays dense (its records are the caller's to update)."""
+        """Weight ``key`` stays dense: its value is dropped and its records say why."""
         self._values.pop(key, None)
         self._forms.pop(key, None)
         self._dense[key] = reason
+        for rec in self.records:
+            if rec.weight == key and rec.decision == "factorized":
+                rec.decision, rec.reason = "declined", reason
 
     def put(self, cand: Candidate, value, size: int, form: str = DEFAULT) -> None:
         """Record a value made elsewhere (a timing micro model's random factors) for ``cand``."""
