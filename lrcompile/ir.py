@@ -40,6 +40,9 @@ class Resolved:
     value: np.ndarray | None
     reason: str = ""
     source: str = ""  # name of the tensor the value is identified by (shared-weight key)
+    #: the stored tensors (initializers, Constant nodes' outputs) the value is computed from:
+    #: name -> (values, bytes)
+    leaves: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class ConstantResolver:
@@ -60,7 +63,8 @@ class ConstantResolver:
 
     def _resolve(self, t: gs.Tensor, depth: int) -> Resolved:
         if isinstance(t, gs.Constant):
-            return Resolved(np.asarray(t.values), source=t.name)
+            v = np.asarray(t.values)
+            return Resolved(v, source=t.name, leaves={t.name: (int(v.size), int(v.nbytes))})
         if t in self.graph.inputs:
             return Resolved(None, "weight is a graph input, not a constant")
         if not t.inputs:
@@ -69,10 +73,11 @@ class ConstantResolver:
         if node.op in QUANT_OPS:
             return Resolved(None, f"weight comes through {node.op} (quantized path)")
         if node.op == "Constant":
-            return Resolved(_constant_node_value(node), source=t.name)
+            v = _constant_node_value(node)
+            return Resolved(v, source=t.name, leaves={t.name: (int(v.size), int(v.nbytes))})
         if node.op not in FOLDABLE_OPS or node.domain not in (None, "", "ai.onnx") or depth > 64:
             return Resolved(None, f"weight is computed by {node.op} from non-constant inputs")
-        vals = []
+        vals, leaves = [], {}
         for i in node.inputs:
             if i.name == "":
                 vals.append(None)
@@ -81,9 +86,15 @@ class ConstantResolver:
             if r.value is None:
                 return Resolved(None, r.reason)
             vals.append(r.value)
+            leaves.update(r.leaves)
         out = _evaluate(node, vals, self.opset)
         self.folded.append(node.name)
-        return Resolved(out[node.outputs.index(t)], source=t.name)
+        return Resolved(out[node.outputs.index(t)], source=t.name, leaves=leaves)
+
+    def leaves(self, name: str) -> dict[str, tuple[int, int]]:
+        """The stored tensors a resolved tensor ``name`` is computed from (empty if not resolved)."""
+        r = self._memo.get(name)
+        return dict(r.leaves) if r is not None else {}
 
 
 def _constant_node_value(node: gs.Node) -> np.ndarray:
@@ -143,12 +154,16 @@ class Candidate:
     Attributes:
         node: the graph node.
         pass_name: the pass that matched it.
-        weight_key: identity of the weight (source tensor + orientation): nodes sharing a key
-            share one factorization.
+        weight_key: identity of the weight: the name of the tensor it is read from. Nodes sharing
+            a key share one factorization, whatever the orientation they read it in.
         matrices: the weight as one ``[K, N]`` matrix per group (a single one unless grouped conv).
         activation: name of the tensor whose rows ``x`` multiply the weight (``x @ B``), for
             calibration statistics; None when the input is not a plain row matrix (conv).
         details: pass-specific facts used by ``rewrite`` (e.g. transposes, conv geometry).
+        transposed: the matrix is the transpose of the stored 2-D weight (MatMul with the weight
+            on the left, Gemm ``transB``): ``B = W^T``, so ``W ~= A C`` serves it as ``C^T A^T``.
+        stored: the stored tensors the weight is read from (initializers, Constant nodes'
+            outputs): name -> (values, bytes); what rewriting every reader can free.
     """
 
     node: gs.Node
@@ -157,6 +172,8 @@ class Candidate:
     matrices: list[np.ndarray]
     activation: str | None = None
     details: dict = field(default_factory=dict)
+    transposed: bool = False
+    stored: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -230,18 +247,52 @@ class RewritePass(Protocol):
 
 @dataclass
 class RewriteContext:
-    """State shared by the rewrites of one run: naming, and factor constants shared by weight key."""
+    """State shared by the rewrites of one run: naming, and the constants each weight key stores.
+
+    A weight's constants are stored once: every request of a weight key for the same values gets
+    the same Constant, and a request for the transpose of a 2-D Constant the key already stores
+    gets that Constant through a Transpose node, or directly where the op reads it transposed
+    (``const_either``): one factorization serves a weight read as ``W`` and as ``W^T``, since
+    ``W ~= A C`` gives ``W^T ~= C^T A^T`` from the same ``A`` and ``C``."""
 
     graph: gs.Graph
     namer: Namer
-    shared: dict[tuple[str, str], gs.Constant] = field(default_factory=dict)
+    #: (weight key, dtype, shape, digest of the values) -> the Constant that stores them
+    shared: dict[tuple, gs.Constant] = field(default_factory=dict)
+    #: weight key -> the Constants it stores, in creation order (what the rewrite wrote)
+    stored: dict[str, list[gs.Constant]] = field(default_factory=dict)
+    _transposed: dict[tuple, gs.Variable] = field(default_factory=dict)
 
-    def const(self, key: str, role: str, base: str, array: np.ndarray) -> gs.Constant:
-        """A Constant for ``(weight key, role)``, created once and reused by every sharer."""
-        k = (key, role)
-        if k not in self.shared:
-            self.shared[k] = gs.Constant(self.namer(base, role), np.ascontiguousarray(array))
-        return self.shared[k]
+    def const(self, key: str, role: str, base: str, array: np.ndarray) -> gs.Tensor:
+        """A tensor holding ``array`` for weight ``key``: a new Constant named from ``base`` and
+        ``role``, the Constant the key already stores with these values, or a Transpose of the
+        one that stores their transpose."""
+        array = np.ascontiguousarray(array)
+        k = _content_key(key, array)
+        if k in self.shared:
+            return self.shared[k]
+        if array.ndim == 2:
+            kt = _content_key(key, np.ascontiguousarray(array.T))
+            if kt in self.shared:
+                if k not in self._transposed:
+                    out = gs.Variable(self.namer(base, role), dtype=array.dtype, shape=list(array.shape))
+                    self.node("Transpose", base, f"{role}_T", [self.shared[kt]], [out], {"perm": [1, 0]})
+                    self._transposed[k] = out
+                return self._transposed[k]
+        c = gs.Constant(self.namer(base, role), array)
+        self.shared[k] = c
+        self.stored.setdefault(key, []).append(c)
+        return c
+
+    def const_either(self, key: str, role: str, base: str, array: np.ndarray) -> tuple[gs.Tensor, bool]:
+        """For an op that can read a weight transposed (Gemm ``transB``): the Constant the key
+        already stores with the transpose of ``array`` and True, else ``const(...)`` and False."""
+        array = np.ascontiguousarray(array)
+        if array.ndim == 2 and _content_key(key, array) not in self.shared:
+            kt = _content_key(key, np.ascontiguousarray(array.T))
+            if kt in self.shared:
+                return self.shared[kt], True
+        return self.const(key, role, base, array), False
 
     def var(self, base: str, suffix: str, dtype) -> gs.Variable:
         return gs.Variable(self.namer(base, suffix), dtype=dtype)
@@ -250,6 +301,59 @@ class RewriteContext:
         n = gs.Node(op=op, name=self.namer(base, suffix), attrs=attrs or {}, inputs=inputs, outputs=outputs)
         self.graph.nodes.append(n)
         return n
+
+
+def _subgraphs(graph: onnx.GraphProto):
+    """Every subgraph of ``graph`` (If branches, Loop and Scan bodies), nested ones included."""
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                      list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []):
+                yield g
+                yield from _subgraphs(g)
+
+
+def store_once(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Store each constant of ``model`` once, in place (returns ``model``).
+
+    onnx-graphsurgeon exports every constant a subgraph reads as that subgraph's initializer,
+    including constants of the outer graph (a subgraph's tensor map holds the outer tensors its
+    nodes read): a weight read inside both branches of an If is written twice, one read in the
+    main graph and in a body once more per body. A subgraph initializer that the main graph
+    already holds with the same values is dropped (the body reads the outer one, which is in
+    scope), and one held by several subgraphs with the same values moves to the main graph,
+    where all of them can read it. Values that differ under one name, and names some node or
+    graph input also defines, are left as they are."""
+    main = model.graph
+    subs = list(_subgraphs(main))
+    if not subs:
+        return model
+    top = {t.name: t for t in main.initializer}
+    defined = {i.name for g in subs for i in g.input} | {i.name for i in main.input if i.name not in top}
+    defined |= {o for g in [main, *subs] for n in g.node for o in n.output}
+    held: dict[str, list[tuple[onnx.GraphProto, onnx.TensorProto]]] = {}
+    for g in subs:
+        for t in g.initializer:
+            held.setdefault(t.name, []).append((g, t))
+    for name, where in held.items():
+        if name in defined or (name not in top and len(where) < 2):
+            continue
+        first = top.get(name, where[0][1])
+        if any(t.SerializeToString() != first.SerializeToString() for _, t in where):
+            continue
+        if name not in top:
+            main.initializer.append(first)
+            if model.ir_version < 4:  # an initializer must also be a graph input there
+                main.input.append(onnx.helper.make_tensor_value_info(name, first.data_type, list(first.dims)))
+        for g, t in where:
+            g.initializer.remove(t)
+    return model
+
+
+def _content_key(key: str, array: np.ndarray) -> tuple:
+    import hashlib
+
+    return key, array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest()
 
 
 def float_weight_problem(w: np.ndarray) -> str | None:

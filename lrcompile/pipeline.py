@@ -459,7 +459,7 @@ def build_report(res: CompileResult, *, notes: list[str], folded: list[str]) -> 
         "output_sha256": sha256(out) if out else None,
         "config": res.config.to_dict(),
         "pipeline": pipeline_string(res.config),
-        "totals": totals(res.layers),
+        "totals": totals(res.layers, res.output, res.files),
         "layers": res.layers,
         "verification": {"feeds": res.feeds, "outputs": res.verification},
         "target": res.target,

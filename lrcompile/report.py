@@ -38,6 +38,10 @@ class LayerRecord:
     flops_before: float | None = None
     flops_after: float | None = None
     latency: list[dict] | None = None
+    # the stored tensors that hold the weight: those it was read from in the input (name -> [values,
+    # bytes]) and, once rewritten, the names of those that hold it in the written model
+    stored_before: dict[str, list[int]] | None = None
+    stored_after: list[str] | None = None
 
 
 def layers_table(layers: list[LayerRecord], *, declined: bool = True) -> str:
@@ -60,19 +64,91 @@ def layers_table(layers: list[LayerRecord], *, declined: bool = True) -> str:
                                    "decision", "reason"], tablefmt="simple")
 
 
-def totals(layers: list[LayerRecord]) -> dict:
-    done = [r for r in layers if r.decision in ("factorized", "pruned") and not r.shared_with]
-    before = sum(r.params_before or 0 for r in done)
-    after = sum(r.params_after or 0 for r in done)
-    return {
+def totals(layers: list[LayerRecord], output: str | Path | None = None, files: list | tuple = ()) -> dict:
+    """Counts of the decisions, and the parameters (and bytes) of the compressed layers' weights.
+
+    Before: the parameters of the weights the factorized and pruned layers compute with, each
+    weight counted once however many nodes read it, in whichever orientation. After, with
+    ``output`` (the written model): counted from that file, the tensors that hold those weights in
+    it (factors, corrections, pruned weights, and any original still stored), each tensor counted
+    once per graph that holds it; the model's size on disk (with its external data) and, from
+    ``files``, the size of every file the compile wrote. Without ``output`` (nothing was written)
+    after comes from the plan's records; ``counted_from`` says which."""
+    done = [r for r in layers if r.decision in ("factorized", "pruned")]
+    weights: dict[str, tuple[int, list[str]]] = {}  # weight -> (parameters, tensors holding it now)
+    for r in done:
+        key = f"{r.node}:{r.weight}" if r.decision == "pruned" else r.weight
+        names = weights.setdefault(key, (r.params_before or 0, []))[1]
+        names += [n for n in (r.stored_after or [r.weight]) if n not in names]
+    before = sum(p for p, _ in weights.values())
+    out = {
         "candidates": len(layers),
         "factorized": sum(r.decision == "factorized" for r in layers),
         "pruned": sum(r.decision == "pruned" for r in layers),
         "declined": sum(r.decision == "declined" for r in layers),
         "params_before": before,
-        "params_after": after,
-        "params_ratio": (after / before) if before else None,
     }
+    if output is not None:
+        stored, data_files = stored_tensors(output)
+        held = {n: stored[n] for _, names in weights.values() for n in names if n in stored}
+        out["params_after"] = sum(v for occ in held.values() for v, _ in occ)
+        out["counted_from"] = "written model"
+        # bytes before: each weight at the dtype it is written in (factors keep the weight's dtype)
+        nbytes = 0
+        for p, names in weights.values():
+            sizes = [occ[0] for n in names for occ in [held.get(n)] if occ and occ[0][0]]
+            nbytes = None if nbytes is None or not sizes else nbytes + p * (sizes[0][1] // sizes[0][0])
+        out["bytes_before"] = nbytes
+        out["bytes_after"] = sum(b for occ in held.values() for _, b in occ)
+        model = Path(output)
+        out["output_bytes"] = sum(f.stat().st_size for f in [model, *(model.parent / d for d in data_files)]
+                                  if f.is_file())
+        out["files"] = {str(f): Path(f).stat().st_size for f in files if Path(f).is_file()}
+    else:
+        out["counted_from"] = "records"
+        out["params_after"] = sum(r.params_after or 0 for r in done if not r.shared_with)
+    a = out["params_after"]
+    out["params_ratio"] = (a / before) if before else None
+    keys = ["candidates", "factorized", "pruned", "declined", "params_before", "params_after", "params_ratio"]
+    return {k: out[k] for k in keys} | {k: v for k, v in out.items() if k not in keys}
+
+
+def stored_tensors(path: str | Path) -> tuple[dict[str, list[tuple[int, int]]], list[str]]:
+    """What an ONNX file stores: tensor name -> (values, bytes) for each graph that holds it
+    (initializers of the main graph and of every subgraph, Constant nodes' values), and the
+    external-data files its tensors point to. Reads no external data."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    stored: dict[str, list[tuple[int, int]]] = {}
+    files: dict[str, None] = {}
+
+    def size(t) -> tuple[int, int]:
+        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        if t.data_type == onnx.TensorProto.STRING:
+            return n, sum(len(x) for x in t.string_data)
+        return n, n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+    def walk(g) -> None:
+        for t in g.initializer:
+            stored.setdefault(t.name, []).append(size(t))
+            files.update({e.value: None for e in t.external_data if e.key == "location"})
+        for t in g.sparse_initializer:
+            n = int(np.prod(t.values.dims)) if len(t.values.dims) else 1
+            item = onnx.helper.tensor_dtype_to_np_dtype(t.values.data_type).itemsize
+            idx = int(np.prod(t.indices.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.indices.data_type).itemsize
+            stored.setdefault(t.values.name, []).append((n, n * item + idx))
+        for node in g.node:
+            for a in node.attribute:
+                if node.op_type == "Constant" and a.name == "value" and node.output:
+                    stored.setdefault(node.output[0], []).append(size(a.t))
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+                for sub in a.graphs:
+                    walk(sub)
+
+    walk(model.graph)
+    return stored, list(files)
 
 
 def verification_table(diffs: list[dict]) -> str:

@@ -3,7 +3,9 @@
 ``Y = alpha * A' @ B' + beta * C`` with ``A' = A^T if transA``, ``B' = B^T if transB``. In the
 [in, out] layout the weight is ``W = B' [K, N] ~= F [K, r] @ G [r, N]``. Rewrite:
 ``H = Gemm(A, F, transA=transA)`` (alpha 1, no C), ``Y = Gemm(H, G, C, alpha, beta)``, plus
-``alpha * d`` when the method adds a mean correction. Lossless at full rank.
+``alpha * d`` when the method adds a mean correction. Lossless at full rank. When the weight's
+factors are stored already transposed (the weight is also read in the other orientation, see
+``ir.RewriteContext``), the Gemms read them with ``transB=1``.
 """
 from __future__ import annotations
 
@@ -39,11 +41,12 @@ class GemmPass:
         return Candidate(
             node=node,
             pass_name=self.name,
-            weight_key=rb.source + (":T" if trans_b else ""),
+            weight_key=rb.source,
             matrices=[np.ascontiguousarray(matrix)],
             activation=None if trans_a else node.inputs[0].name,
             details={"transA": trans_a, "alpha": float(node.attrs.get("alpha", 1.0)),
                      "beta": float(node.attrs.get("beta", 1.0))},
+            transposed=bool(trans_b),
         )
 
     def detach(self, cand: Candidate) -> Wiring:
@@ -58,8 +61,9 @@ class GemmPass:
         (m,) = mats
         base, key = cand.label, cand.weight_key
         h = ctx.var(base, f"{tag}_h", w.out.dtype)
-        ctx.node("Gemm", base, f"{tag}_in", [w.x, ctx.const(key, f"{tag}_A", base, m)], [h],
-                 {"transA": cand.details["transA"]})
+        a, tb = ctx.const_either(key, f"{tag}_A", base, m)
+        ctx.node("Gemm", base, f"{tag}_in", [w.x, a], [h],
+                 {"transA": cand.details["transA"]} | ({"transB": 1} if tb else {}))
         return h
 
     def last(self, ctx: RewriteContext, cand: Candidate, w: Wiring, h: gs.Tensor, mats: list[np.ndarray],
@@ -69,8 +73,9 @@ class GemmPass:
         base, key, det = cand.label, cand.weight_key, cand.details
         final = w.out if d is None else ctx.var(base, f"{tag}_y", w.out.dtype)
         c_in = w.extra["C"]
-        ctx.node("Gemm", base, f"{tag}_out", [h, ctx.const(key, f"{tag}_C", base, m)] + ([c_in] if c_in is not None else []),
-                 [final], {"alpha": det["alpha"], "beta": det["beta"]})
+        c, tb = ctx.const_either(key, f"{tag}_C", base, m)
+        ctx.node("Gemm", base, f"{tag}_out", [h, c] + ([c_in] if c_in is not None else []),
+                 [final], {"alpha": det["alpha"], "beta": det["beta"]} | ({"transB": 1} if tb else {}))
         if d is not None:
             dc = ctx.const(key, f"{tag}_d", base, (det["alpha"] * d).astype(m.dtype))
             ctx.node("Add", base, f"{tag}_bias", [final, dc], [w.out])

@@ -45,10 +45,11 @@ class MatMulPass:
         return Candidate(
             node=node,
             pass_name=self.name,
-            weight_key=res.source + ("" if side == "right" else ":T"),
+            weight_key=res.source,
             matrices=[np.ascontiguousarray(matrix)],
             activation=x.name if side == "right" else None,
             details={"side": side},
+            transposed=side == "left",
         )
 
     def detach(self, cand: Candidate) -> Wiring:

@@ -35,8 +35,11 @@ class Evidence:
 
         A weight shared by several nodes is calibrated on all their inputs (``sharers``: the nodes
         with the same weight key), since one factorization serves them all; for ``kfac`` their
-        output-gradient Grams add up the same way."""
+        output-gradient Grams add up the same way. Nodes that read the weight in the other
+        orientation multiply its other side: their statistics do not add up with ``cand``'s, and
+        the fit is calibrated on the nodes of ``cand``'s orientation."""
         none = [None] * len(cand.matrices)
+        sharers = [c for c in sharers if c.transposed == cand.transposed]
         needs = METHODS[method].needs
         if not needs:
             return method, none, ""
@@ -51,9 +54,11 @@ class Evidence:
         if "fisher" in needs:
             from ..fisher import fisher_for_candidate
 
-            f = (self.fisher or {}).get(cand.weight_key.removesuffix(":T"))
+            f = (self.fisher or {}).get(cand.weight_key)
             if f is None:
                 return "svd", none, "no Fisher information for this weight: plain SVD"
+            if cand.transposed and f.ndim == 2:  # the stored layout's Fisher, in the candidate's
+                f = f.T
             return method, [LayerStats(count=0, fisher=m) for m in fisher_for_candidate(cand, f)], ""
         keys = dict.fromkeys(r[0] for r in map(stat_request, [cand, *sharers]) if r is not None)
         found = [self.stats[k] for k in keys if self.stats and k in self.stats]
@@ -191,15 +196,13 @@ def collect_fisher(model: onnx.ModelProto, cands: list[Candidate], config: Compi
         return None
     from .. import fisher as fz
 
-    names = sorted({c.weight_key.removesuffix(":T") for c in cands
-                    if "fisher" in METHODS[config.method_for(c.label)].needs})
+    names = sorted({c.weight_key for c in cands if "fisher" in METHODS[config.method_for(c.label)].needs})
     if config.fisher != "collect":
         shapes = {}
         for c in cands:
-            n = c.weight_key.removesuffix(":T")
+            n = c.weight_key
             if n in names:
-                shapes[n] = c.details.get("wshape") or (c.matrices[0].T.shape if c.weight_key.endswith(":T")
-                                                         else c.matrices[0].shape)
+                shapes[n] = c.details.get("wshape") or (c.matrices[0].T.shape if c.transposed else c.matrices[0].shape)
         return fz.load_fisher_npz(config.fisher, shapes)
     labels = fz.load_labels(config.calib, config.labels)
     return fz.collect_fisher(model, names, calibration(model, config), labels, loss=config.loss,

@@ -1,8 +1,11 @@
 """The plan: per candidate, its form and fitted value, or why it stays dense.
 
 A ``Plan`` accumulates over stages (sequential calibration plans one stage at a time). Each
-distinct weight is factorized once (nodes sharing a weight share its value); a planner hands in
-the size per weight (``ranks``), else each weight's size comes from the config's rank policy.
+distinct weight is factorized once (nodes sharing a weight share its value, a node that reads it
+transposed gets the form's transposed value: ``W^T ~= C^T A^T``); a planner hands in the size per
+weight (``ranks``), else each weight's size comes from the config's rank policy. A weight that
+stays dense keeps the stored tensors it reads, so a weight computed from the same ones stays
+dense too (its rewrite would save nothing).
 Other modules ask the plan questions and tell it decisions through its methods, never by editing
 its fields.
 """
@@ -38,6 +41,10 @@ class Plan:
     _forms: dict[str, str] = field(default_factory=dict)
     _owner: dict[str, str] = field(default_factory=dict)
     _dense: dict[str, str] = field(default_factory=dict)  # weight key -> why it stays dense
+    _transposed: dict[str, bool] = field(default_factory=dict)  # weight key -> its value fits W^T
+    _views: dict[str, object] = field(default_factory=dict)  # weight key -> the value for the other orientation
+    _stored: dict[str, dict[str, int]] = field(default_factory=dict)  # weight key -> stored tensors it reads: values
+    _params: dict[str, int] = field(default_factory=dict)  # weight key -> its parameters
 
     # ------------------------------------------------------------------ questions
 
@@ -46,7 +53,16 @@ class Plan:
         return bool(self._values)
 
     def value(self, key: str):
+        """Weight ``key``'s value, in the orientation of the node it was fitted for."""
         return self._values.get(key)
+
+    def value_for(self, cand: Candidate):
+        """The value ``cand`` is rewritten with: its weight's value, transposed when ``cand`` reads
+        the weight in the other orientation (``W^T ~= C^T A^T``)."""
+        key = cand.weight_key
+        if key not in self._values or cand.transposed == self._transposed.get(key, cand.transposed):
+            return self._values.get(key)
+        return self._views[key]
 
     def form(self, key: str):
         """The form object of weight ``key``'s value."""
@@ -72,14 +88,25 @@ class Plan:
 
     # ------------------------------------------------------------------ decisions
 
-    def keep_dense(self, key: str, reason: str) -> None:
-        """Weight ``key`` stays dense: its value is dropped and its records say why."""
+    def keep_dense(self, key: str, reason: str, *, couple: set[str] | None = None) -> None:
+        """Weight ``key`` stays dense: its value is dropped and its records say why. A weight
+        computed from the same stored tensors stays dense too when those hold as many values as it
+        (``couple``: only among these keys), since its rewrite would keep them and add factors."""
         self._values.pop(key, None)
         self._forms.pop(key, None)
+        self._views.pop(key, None)
         self._dense[key] = reason
         for rec in self.records:
             if rec.weight == key and rec.decision == "factorized":
                 rec.decision, rec.reason = "declined", reason
+        stored = self._stored.get(key, {})
+        for other in list(self._values):
+            common = sorted(set(stored) & set(self._stored.get(other, {})))
+            if (common and (couple is None or other in couple)
+                    and sum(stored[n] for n in common) >= self._params.get(other, 0)):
+                self.keep_dense(other, f"weight {common[0]} stays: {key} reads it too and stays dense "
+                                       f"({reason}); rewriting this node would keep it and add the factors, "
+                                       "saving nothing", couple=couple)
 
     def put(self, cand: Candidate, value, size: int, form: str = DEFAULT) -> None:
         """Record a value made elsewhere (a timing micro model's random factors) for ``cand``."""
@@ -88,6 +115,15 @@ class Plan:
         self._values[cand.weight_key] = value
         self._forms[cand.weight_key] = form
         self._owner[cand.weight_key] = cand.label
+        self._transposed[cand.weight_key] = cand.transposed
+
+    def note_written(self, ctx) -> None:
+        """After a rewrite: each factorized record's ``stored_after``, the names of the tensors
+        its weight is stored in now (its factors and corrections, as ``ctx`` stored them, and the
+        tensors it was read from, should anything still read them)."""
+        for rec in self.records:
+            if rec.decision == "factorized" and rec.weight in ctx.stored:
+                rec.stored_after = [c.name for c in ctx.stored[rec.weight]] + list(rec.stored_before or {})
 
     def decide(self, cands: list[Candidate], config: CompileConfig, evidence: Evidence | None = None, *,
                progress: bool = False, ranks: dict[str, int] | None = None, forms: dict[str, str] | None = None,
@@ -110,8 +146,11 @@ class Plan:
             form = form_for(cand.pass_name, (forms or {}).get(cand.weight_key, DEFAULT))
             rec = LayerRecord(node=cand.label, op=cand.node.op, shape=list(cand.matrices[0].shape),
                               decision="factorized", weight=cand.weight_key, groups=len(cand.matrices),
-                              params_before=cand.params, break_even=round(form.break_even(cand), 2))
+                              params_before=cand.params, break_even=round(form.break_even(cand), 2),
+                              stored_before={k: list(v) for k, v in cand.stored.items()} or None)
             key = cand.weight_key
+            self._stored.setdefault(key, {n: v for n, (v, _) in cand.stored.items()})
+            self._params.setdefault(key, cand.params)
             if ranks is not None and not ranks.get(key):
                 self._dense.setdefault(key, dense_reasons.get(key, "kept dense by the rank allocation"))
             if key in self._dense:
@@ -121,6 +160,16 @@ class Plan:
             if key in self._values:
                 value = self._values[key]
                 rec.shared_with = self._owner[key]
+                if cand.transposed != self._transposed[key]:
+                    value = self._views.get(key)
+                    if value is None:  # the owner was fitted without knowing of this use
+                        view = form.transpose(self._values[key])
+                        if isinstance(view, str):
+                            self.keep_dense(key, f"{view} ({cand.label} reads {key} transposed)")
+                            rec.decision, rec.reason = "declined", self._dense[key]
+                            self.records.append(rec)
+                            continue
+                        value = self._views[key] = view
             else:
                 method, st, rec.reason = evidence.for_layer(cand, config.method_for(cand.label), groups[key])
                 t0 = time.perf_counter()
@@ -137,6 +186,11 @@ class Plan:
             rec.params_after = form.storage(value).params
             rec.rel_error, rec.objective_error = form.errors(cand, value)
             why = None if config.keep_unprofitable else form.declines(value)
+            if not why and key not in self._values and cand.details.get("both_orientations"):
+                view = form.transpose(value)  # a node reads this weight transposed: one value serves both
+                why = f"{view} ({key} is also read transposed)" if isinstance(view, str) else None
+                if why is None:
+                    self._views[key] = view
             if why:
                 rec.decision, rec.reason = "declined", why
                 self._dense[key] = why
@@ -144,7 +198,12 @@ class Plan:
                 self._values[key] = value
                 self._forms[key] = form.name
                 self._owner[key] = cand.label
+                self._transposed[key] = cand.transposed
             self.records.append(rec)
+        keys = {c.weight_key for c in cands}  # (earlier calls' weights may be rewritten already)
+        for key in list(self._dense):  # a dense weight keeps what it reads
+            if self._stored.get(key):
+                self.keep_dense(key, self._dense[key], couple=keys)
         return self
 
 

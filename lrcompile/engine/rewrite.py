@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..config import CompileConfig
-from ..ir import Candidate, Namer, RewriteContext
+from ..ir import Candidate, Namer, RewriteContext, store_once
 from .analysis import analyze
 from .evidence import Evidence
 from .plan import Plan
@@ -54,11 +54,12 @@ def apply(ctx: RewriteContext, cands: list[Candidate], plan: Plan) -> Applied:
             continue
         form = plan.form(cand.weight_key)
         try:
-            form.emit(ctx, cand, plan.value(cand.weight_key))
+            form.emit(ctx, cand, plan.value_for(cand))
         except Exception as e:  # noqa: BLE001 - any failure here is ours: name where it happened
             raise RewriteError(cand.label, cand.pass_name, form.name, e) from e
         done.rewritten.setdefault(form.name, []).append(cand.label)
     ctx.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    plan.note_written(ctx)
     return done
 
 
@@ -73,7 +74,7 @@ def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     model.metadata_props.extend(original.metadata_props)
     model.graph.doc_string = original.graph.doc_string
     model.graph.name = original.graph.name
-    return model
+    return store_once(model)
 
 
 def build(model: onnx.ModelProto, config: CompileConfig, ranks: dict[str, int], *,

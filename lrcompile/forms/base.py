@@ -51,9 +51,10 @@ class LayerForm(Protocol):
     the form's own scale (a rank, a kept count, ...).
 
     The engine's ``Plan`` calls ``fit``, ``size``, ``method``, ``info``, ``storage``, ``errors``,
-    ``declines``, ``break_even`` and ``emit``; the planner calls ``fit_full``, ``sizes``, ``params``,
-    ``curve``, ``flops`` and ``probe_scale``; latency-aware planning times a form that has
-    ``random`` (values of the right shapes, no fitting)."""
+    ``declines``, ``break_even``, ``transpose`` (the value for a node that reads the weight
+    transposed, or the reason string why it cannot serve one) and ``emit``; the planner calls
+    ``fit_full``, ``sizes``, ``params``, ``curve``, ``flops`` and ``probe_scale``; latency-aware
+    planning times a form that has ``random`` (values of the right shapes, no fitting)."""
 
     name: str
     #: pass names (``passes.PASSES``) of the ops it emits for
@@ -88,5 +89,7 @@ class LayerForm(Protocol):
     def errors(self, cand, value) -> tuple[float, float]: ...
 
     def declines(self, value) -> str | None: ...
+
+    def transpose(self, value): ...
 
     def emit(self, ctx, cand, value) -> None: ...

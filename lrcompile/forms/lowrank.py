@@ -10,10 +10,15 @@ Stores ``r (K + N)`` values per group (+ ``N`` for ``d``); costs ``2 r (K + N)``
 (a lookup: ``2 r N``) against ``2 K N`` dense (a lookup: free). Sizes: ranks on the grid of
 ``factorize.allocate.rank_grid`` (multiples of ``--multiple`` below break-even). The error at every
 rank comes from one full decomposition by the layer's method (the tail of its spectrum).
+
+One value serves every node that reads the weight, in either orientation: a use that reads
+``W^T`` (Gemm ``transB``, MatMul with the weight on the left) gets ``W^T ~= C^T A^T``
+(:meth:`LowRankForm.transpose`), and the rewrite stores ``A`` and ``C`` once (``RewriteContext``).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -121,6 +126,16 @@ class LowRankForm:
         f0 = facts[0]
         return (f"rank {f0.rank} >= break-even {break_even_rank(*f0.shape):.1f} "
                 f"for [{f0.shape[0]} x {f0.shape[1]}]: saves nothing")
+
+    def transpose(self, facts: list[Factorization]) -> list[Factorization] | str:
+        """The value for a use that reads the weight transposed: ``B^T ~= C^T A^T`` (same factors,
+        same errors), or why it cannot serve it (a mean correction is added after ``x A C``: it
+        has no place in ``x C^T A^T``)."""
+        if any(f.bias is not None for f in facts):
+            return "its mean correction (bias d) cannot serve a transposed use"
+        if len(facts) != 1:
+            return "a grouped weight has no transposed use"
+        return [replace(f, a=f.c.T, c=f.a.T) for f in facts]
 
     def errors(self, cand: Candidate, facts: list[Factorization]) -> tuple[float, float]:
         """The weight's relative error and the method's objective error, over all groups."""

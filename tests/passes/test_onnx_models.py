@@ -152,17 +152,20 @@ def test_conv_grouped_strided_dilated_onnx(tmp_path):
 
 def test_subgraph_nodes_declined_with_reason(tmp_path):
     w = trained_like(32, 32, 11)
-    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["t"], name="inner")], "then", [],
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "Wi"], ["t"], name="inner")], "then", [],
                                [vi("t", [2, 32])])
     else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["e"], name="id")], "else", [], [vi("e", [2, 32])])
     nodes = [helper.make_node("If", ["c"], ["y0"], name="branch", then_branch=then_g, else_branch=else_g),
              helper.make_node("MatMul", ["y0", "W"], ["y"], name="outer")]
     src = save(make_model(nodes, [vi("x", [2, 32]), vi("c", [], TensorProto.BOOL)], [vi("y", [2, 32])],
-                          [("W", w)]), tmp_path / "if.onnx")
+                          [("W", w), ("Wi", trained_like(32, 32, 12))]), tmp_path / "if.onnx")
     res = compile_full(src, tmp_path)
     rows = {r.node: r for r in res.layers}
     assert rows["outer"].decision == "factorized"
     assert rows["inner"].decision == "declined" and "If body" in rows["inner"].reason
+    out = onnx.load(str(res.output))  # the body's outer weight is stored once
+    held = [t.name for g in [out.graph, *(a.g for a in out.graph.node[0].attribute)] for t in g.initializer]
+    assert held.count("Wi") == 1
     feeds = {"x": _x(2, 32), "c": np.array(True)}
     assert_lossless(src, res.output, feeds)
 
