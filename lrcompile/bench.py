@@ -38,7 +38,7 @@ import numpy as np
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
-from .errors import LrcError
+from .errors import LrcError, internal_error_line
 
 log = logging.getLogger(__name__)
 
@@ -525,7 +525,7 @@ def run_bench(ds: Dataset, configs: list[BenchConfig], out: str | Path, *, commo
                     lap("trt")
             except Exception as e:  # noqa: BLE001 - one configuration failing must not lose the others
                 if not isinstance(e, LrcError):
-                    log.exception("configuration %s failed", cfg.label)
+                    log.error("configuration %s failed: %s", cfg.label, internal_error_line(e, "bench"))
                 row["status"] = f"error: {e}"
                 lap("failed_after")
             if keep_models and dst.exists():

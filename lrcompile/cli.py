@@ -2,19 +2,24 @@
 
 ``lrcompile MODEL [options]`` compiles (the ``compile`` command is the default);
 ``lrcompile inspect MODEL`` shows candidates without writing anything.
-User errors print one line and exit non-zero; every compile ends with PASSED or FAILED.
+User errors print one line and exit non-zero; every compile ends with PASSED, FAILED or UNVERIFIED
+(``lrcompile.verdict``); anything unexpected prints one line naming where it happened and exits 4,
+its traceback saved to a log file (``_run``).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
 
 from .config import DEFAULT_RATIO, SECTIONS, Spec, coerce, specs
-from .errors import LrcError, VerificationFailed
+from .errors import INTERNAL_ERROR_EXIT, LrcError, VerificationFailed, internal_error_line, is_write_error, write_error
 
 log = logging.getLogger("lrcompile")
 
@@ -111,8 +116,15 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-def _run(fn):
-    """Run ``fn`` mapping user errors to one line on stderr and their exit code."""
+def _run(fn, command: str):
+    """Run ``fn`` (the body of ``command``) so that no traceback reaches the user.
+
+    User errors print one line on stderr and exit with their code (2; 3 for a failed verification).
+    A place that cannot be written (permission, read-only, full disk) is a user error too. Anything
+    else is our bug: one line naming the stage and node where it happened, the traceback saved to
+    a log file (``lrcompile.errors.save_details``; ``-vv`` also logs it), exit code 4. The compile
+    writes its files only after every step succeeded, so an error leaves no output behind.
+    """
     try:
         return fn()
     except LrcError as e:
@@ -121,6 +133,47 @@ def _run(fn):
     except KeyboardInterrupt:
         click.echo("lrcompile: interrupted", err=True)
         sys.exit(130)
+    except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+        raise
+    except Exception as e:  # noqa: BLE001 - the guard: every other exception is reported, never shown raw
+        if is_write_error(e):
+            click.echo(f"lrcompile: error: {write_error(e, e.filename or 'a file', 'path', action='access')}", err=True)
+            sys.exit(LrcError.exit_code)
+        log.debug("internal error", exc_info=e)
+        click.echo(f"lrcompile: {internal_error_line(e, command)}", err=True)
+        sys.exit(INTERNAL_ERROR_EXIT)
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """Fail now, before any work, when ``path``'s folder cannot be written: the nearest folder of
+    it that exists must be a folder and take a new file (a real write: permissions alone do not
+    tell, e.g. for root or on a read-only mount)."""
+    folder = Path(path).absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(folder))
+        fd, probe = tempfile.mkstemp(prefix=".lrcompile-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:  # whatever the reason, this folder cannot take the file
+        raise write_error(e, Path(path).parent, option) from None
+
+
+def _write_text(path: Path, text: str, option: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file beside it, then a rename): a failed
+    write leaves no partial file; an unwritable place is one user-error line naming ``option``."""
+    from .io import atomic_output, commit
+
+    try:
+        with atomic_output(path) as tmp:
+            (tmp / path.name).write_text(text)
+            commit([tmp / path.name], path.parent)
+    except OSError as e:
+        if is_write_error(e) or isinstance(e, (IsADirectoryError, FileExistsError)):
+            raise write_error(e, path, option) from None
+        raise
 
 
 def _plan_plot(res, path: Path, quiet: bool) -> None:
@@ -160,7 +213,7 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, **options):
 
     def go():
         from .config import CompileConfig
-        from .pipeline import compile_model
+        from .pipeline import compile_model, default_output
         from .report import layers_table, plan_summary, to_json, verification_table
 
         if config_file:
@@ -179,11 +232,14 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, **options):
                             "so pass --calib for data-aware factorization")
         if report is not None and Path(report).suffix != ".json":
             raise LrcError(f"--report {report}: use a .json path")
+        _check_writable(Path(output) if output is not None else default_output(Path(model)), "-o")
+        if report is not None:
+            _check_writable(Path(report), "--report")
         try:
             res = compile_model(model, output, cfg, progress=not quiet)
         except VerificationFailed as e:
             if report is not None and e.result is not None:
-                Path(report).write_text(to_json(e.result.report))
+                _write_text(Path(report), to_json(e.result.report), "--report")
             click.echo("FAILED")
             raise
         if not quiet:
@@ -221,14 +277,23 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, **options):
                            f"({eng.get('engine_bytes', 0):,} bytes)")
             for f in res.files:
                 click.echo(f"wrote {f}")
+        verdict = (res.report.get("verification") or {}).get("verdict")
+        if verdict and not quiet:
+            click.echo(f"\nverdict: {verdict['description']}")
+        for o in (verdict or {}).get("outputs", []):
+            if o["status"] in ("unverified", "unjudged") and (not quiet or res.status == "UNVERIFIED"):
+                for why in o["reasons"]:
+                    click.echo(f"{'UNVERIFIED' if o['status'] == 'unverified' else 'not judged'}: {why}")
+        for why in (verdict or {}).get("notes", []):
+            click.echo(f"UNVERIFIED: {why}")
         if report is not None:
-            Path(report).write_text(to_json(res.report))
+            _write_text(Path(report), to_json(res.report), "--report")
             if res.report.get("plan") and res.report["plan"].get("budget"):
                 _plan_plot(res, Path(report).with_suffix(".plan.png"), quiet)
         click.echo(res.status)
         return res
 
-    _run(go)
+    _run(go, "compile")
 
 
 @main.command("inspect")
@@ -249,7 +314,7 @@ def inspect_cmd(model, ratio, min_params, as_json, verbose, quiet):
         rows = inspect_model(model, ratio=ratio, min_params=min_params, progress=not quiet and not as_json)
         click.echo(to_json(rows) if as_json else inspect_table(rows))
 
-    _run(go)
+    _run(go, "inspect")
 
 
 @main.command("bench")
@@ -324,7 +389,7 @@ def bench_cmd(target, configs, eval_feed, reference, labels, metric, output_name
         if failed:
             sys.exit(1)
 
-    _run(go)
+    _run(go, "bench")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ comes back as a ``CompileResult`` that the CLI renders.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from . import __version__
 from .config import CompileConfig
 from .engine import (Analysis, Evidence, Plan, analyze, apply, check_model, collect_curvature, collect_fisher,
                      collect_stats, context, decline_records, export, mask_input, stages)
-from .errors import LrcError, VerificationFailed
+from .errors import LrcError, VerificationFailed, is_write_error, note_stage, write_error
 from .io import atomic_output, commit, load_model, same_file, write_model
 from .ir import RewriteContext
 from .pruning import MlpPairs, prune_mlps
@@ -96,7 +97,11 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     run = _Run(config=config, src=src, out=Path(output) if output is not None else default_output(src),
                progress=progress, t={"start": time.perf_counter()})
     for stage in STAGES:
-        stage.run(run)
+        try:
+            stage.run(run)
+        except Exception as e:  # noted, not handled: the CLI names the stage of an internal error
+            note_stage(e, stage.name)
+            raise
     return run.result
 
 
@@ -252,42 +257,85 @@ def _measure(run: _Run) -> None:
 
 
 def _write(run: _Run) -> None:
-    """Write atomically, check, verify, judge, build the target; nothing is left on FAILED."""
+    """Write atomically, check, verify, judge, build the target, report; nothing is left on FAILED
+    or on any error: the files move into place last, after everything else succeeded. A folder that
+    cannot be written (permission, read-only, full disk, a file in the path) is a user error."""
+    try:
+        _write_files(run)
+    except OSError as e:
+        if is_write_error(e) and (e.filename is None or _within(e.filename, run.out.parent)):
+            raise write_error(e, run.out.parent, "-o") from None
+        raise
+
+
+def _relocate(obj, src: Path, dest: Path):
+    """``obj`` (a report: dicts, lists, strings) with every path inside folder ``src`` moved to
+    ``dest``; other values as they are."""
+    if isinstance(obj, str):
+        inside = obj.startswith(str(src) + os.sep)
+        return str(dest / obj[len(str(src)) + 1:]) if inside else str(dest) if obj == str(src) else obj
+    if isinstance(obj, dict):
+        return {_relocate(k, src, dest): _relocate(v, src, dest) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relocate(v, src, dest) for v in obj]
+    return obj
+
+
+def _within(path, folder: Path) -> bool:
+    p, f = Path(path).absolute(), folder.absolute()
+    return p == f or f in p.parents
+
+
+def _write_files(run: _Run) -> None:
     config, src, out, t = run.config, run.src, run.out, run.t
     target_info: dict = {}
     with atomic_output(out) as tmp:
-        files = write_model(run.new, tmp / out.name, external_data=config.external_data)
-        notes = check_model(tmp / out.name, src)
+        model_path = tmp / out.name
+        files = write_model(run.new, model_path, external_data=config.external_data)
+        notes = check_model(model_path, src)
         run.mark("check")
         diffs = None
         if config.verify:
             from .verify import compare
 
-            diffs = [d.to_dict() for d in compare(src, tmp / out.name, run.feeds)]
+            diffs = [d.to_dict() for d in compare(src, model_path, run.feeds)]
             run.mark("verify")
-        status, failures = _judge(diffs, config)
+        verdict = _judge(diffs, config)
+        status = verdict.status
         if status != "FAILED":
-            target_info, extra = _build_target(config, src, tmp / out.name, out.parent, run.feeds)
+            target_info, extra = _build_target(config, src, model_path, out.parent, run.feeds)
             files += extra
         run.mark("target")
-        committed = commit(files, out.parent) if status != "FAILED" else []
-    result = CompileResult(
-        config=config, input=src, output=out if committed else None, files=committed, layers=run.records,
-        verification=diffs, feeds=_feeds_info(run.feeds, config), target=target_info, status=status,
-        timings={k: round(v - t["start"], 3) for k, v in t.items() if k != "start"}, report={},
-    )
-    result.report = build_report(result, notes=notes + failures, folded=run.analysis.folded)
-    calib_info = run.calib_info
-    if run.evidence.curvature is not None:
-        calib_info = {**(calib_info or {}), "output_curvature": run.evidence.curvature.info}
-    result.report["calibration"] = calib_info
-    result.report["plan"] = run.plan_info
-    result.report["mlp_pruning"] = run.pruning
-    result.report["distillation"] = run.distill_info
+        # the report is made from the files in the temporary folder (the same names and bytes); its
+        # paths are then moved to the destination with them (_relocate), so the files move last
+        ok = status != "FAILED"
+        result = CompileResult(
+            config=config, input=src, output=model_path if ok else None, files=list(files) if ok else [],
+            layers=run.records,
+            verification=diffs, feeds=_feeds_info(run.feeds, config), target=target_info, status=status,
+            timings={k: round(v - t["start"], 3) for k, v in t.items() if k != "start"}, report={},
+        )
+        result.report = build_report(result, notes=notes + verdict.failures + verdict.unverified,
+                                     folded=run.analysis.folded)
+        if diffs is not None:
+            result.report["verification"]["verdict"] = verdict.to_dict()
+        calib_info = run.calib_info
+        if run.evidence.curvature is not None:
+            calib_info = {**(calib_info or {}), "output_curvature": run.evidence.curvature.info}
+        result.report["calibration"] = calib_info
+        result.report["plan"] = run.plan_info
+        result.report["mlp_pruning"] = run.pruning
+        result.report["distillation"] = run.distill_info
+        if ok:
+            result.report = _relocate(result.report, tmp, out.parent)
+            result.output, result.files = out, [out.parent / f.name for f in files]
+            commit(files, out.parent)
     run.result = result
     if status == "FAILED":
-        raise VerificationFailed("verification FAILED: " + "; ".join(failures)
-                                 + " (no output written; relax the rank policy or the tolerance)", result=result)
+        hint = "relax the rank policy or the tolerance" if verdict.rule == "limits" else \
+            "the output is broken, not merely lossy: relax the rank policy, and please report it if it persists"
+        raise VerificationFailed("verification FAILED: " + "; ".join(verdict.failures)
+                                 + f" (no output written; {hint})", result=result)
 
 
 @dataclass(frozen=True)
@@ -434,16 +482,11 @@ def _feeds_info(feeds_list, config: CompileConfig) -> dict | None:
             "seed": config.seed, "batches": len(feeds_list), "inputs": describe(feeds_list[0])}
 
 
-def _judge(diffs: list[dict] | None, config: CompileConfig) -> tuple[str, list[str]]:
-    if diffs is None:
-        return "UNVERIFIED", []
-    fails = []
-    for d in diffs:
-        if config.tolerance is not None and not d["rel_l2"] <= config.tolerance:
-            fails.append(f"output {d['name']!r} rel L2 error {d['rel_l2']:.3e} > --tolerance {config.tolerance:g}")
-        if config.min_cosine is not None and not d["cosine"] >= config.min_cosine:
-            fails.append(f"output {d['name']!r} cosine {d['cosine']:.6f} < --min-cosine {config.min_cosine:g}")
-    return ("FAILED" if fails else "PASSED"), fails
+def _judge(diffs: list[dict] | None, config: CompileConfig):
+    """The verdict on the outputs (``lrcompile.verdict``): the user's limits, else the default check."""
+    from .verdict import judge
+
+    return judge(diffs, tolerance=config.tolerance, min_cosine=config.min_cosine)
 
 
 def build_report(res: CompileResult, *, notes: list[str], folded: list[str]) -> dict:

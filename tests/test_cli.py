@@ -80,6 +80,7 @@ def test_table_output(tmp_path, mlp):
     r = cli(mlp, "-o", tmp_path / "o.onnx", "--rank", "32")
     assert r.returncode == 0, r.stderr
     assert "fc1" in r.stdout and "factorized" in r.stdout and "rel L2" in r.stdout
+    assert "\nverdict: default check (no --tolerance/--min-cosine)" in r.stdout  # which rule judged it
 
 
 def test_inspect_writes_nothing(tmp_path, mlp):
