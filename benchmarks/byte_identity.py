@@ -452,7 +452,7 @@ def _table(rows: list[tuple[str, str, str, str]]) -> str:
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(3)]
 
     def line(r: tuple[str, ...]) -> str:
-        return " | ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + (f" | {r[3]}" if r[3] else "")
+        return (" | ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + (f" | {r[3]}" if r[3] else "")).rstrip()
 
     return "\n".join([line(head), "-+-".join("-" * w for w in widths)] + [line(r) for r in rows])
 
