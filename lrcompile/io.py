@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 
 MIN_OPSET = 11
 MAX_OPSET = 23
+#: Opsets from here to ``MIN_OPSET - 1`` are converted on load with onnx.version_converter.
+#: ONNX Runtime, which verifies the output against the original, guarantees opset 7 and up.
+MIN_CONVERTIBLE_OPSET = 7
+#: What an older model is converted to: the lowest supported opset, so the converter runs the
+#: fewest adapters (9 -> 10 -> 11) and the output stays as close to the original as it can.
+CONVERT_TO_OPSET = MIN_OPSET
 #: Above this many bytes of tensors a model is saved with external data (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
@@ -69,12 +75,16 @@ def opset_of(model: onnx.ModelProto) -> int:
     raise LrcError("the model imports no default ONNX opset; re-export it with opset 11 to 23")
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+def load_model(path: str | os.PathLike, *, notes: list[str] | None = None) -> onnx.ModelProto:
     """Load and validate an ONNX model, with its external data.
 
+    A model at opset ``MIN_CONVERTIBLE_OPSET`` to ``MIN_OPSET - 1`` comes back converted to
+    ``CONVERT_TO_OPSET`` with onnx.version_converter (the file is not touched); one warning is
+    logged and, when ``notes`` is given, one line appended to it.
+
     Raises:
-        LrcError: for a missing, garbage or truncated file, bad external data or an
-            unsupported opset.
+        LrcError: for a missing, garbage or truncated file, bad external data, an unsupported
+            opset or one the converter cannot convert.
     """
     p = Path(path)
     if not p.exists():
@@ -92,17 +102,49 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
         raise LrcError(f"{p} holds no ONNX graph; the file may be truncated or not ONNX: re-export it")
     opset = opset_of(model)
-    if not MIN_OPSET <= opset <= MAX_OPSET:
+    if opset > MAX_OPSET:
         raise LrcError(
             f"{p} uses opset {opset}; lrcompile supports opsets {MIN_OPSET} to {MAX_OPSET}: "
             "re-export the model or convert it with onnx.version_converter"
+        )
+    if opset < MIN_CONVERTIBLE_OPSET:
+        raise LrcError(
+            f"{p} uses opset {opset}; lrcompile reads opsets {MIN_CONVERTIBLE_OPSET} to {MAX_OPSET} "
+            f"(below {MIN_OPSET} converted with onnx.version_converter; ONNX Runtime, which verifies the output, "
+            f"guarantees opset {MIN_CONVERTIBLE_OPSET} and up): re-export the model at a newer opset"
         )
     check_external_data(model, p.parent)
     try:
         onnx.load_external_data_for_model(model, str(p.parent))
     except (OSError, ValueError) as e:
         raise LrcError(f"{p}: cannot read its external data ({e}); check the files beside the model") from None
+    if opset < MIN_OPSET:
+        model = convert_opset(model, p)
+        line = (f"opset {opset} converted to opset {CONVERT_TO_OPSET} with onnx.version_converter "
+                f"(the output is written at opset {CONVERT_TO_OPSET}; verification runs the original)")
+        log.warning("%s: %s", p.name, line)
+        if notes is not None:
+            notes.append(line)
     return model
+
+
+def convert_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    """``model`` converted to ``CONVERT_TO_OPSET`` with onnx.version_converter, checked by the
+    ONNX checker; one LrcError line naming the opset when the converter cannot do it."""
+    from onnx import version_converter
+
+    opset = opset_of(model)
+    try:
+        new = version_converter.convert_version(model, CONVERT_TO_OPSET)
+        onnx.checker.check_model(new)
+    except Exception as e:  # noqa: BLE001 - the converter raises RuntimeError, ConvertError, ValueError...
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise LrcError(
+            f"{path} uses opset {opset}, which lrcompile converts to opset {CONVERT_TO_OPSET} with "
+            f"onnx.version_converter, and the converter failed ({type(e).__name__}: {msg}); "
+            f"re-export the model at opset {MIN_OPSET} or newer"
+        ) from None
+    return new
 
 
 def load_npz(path: Path, what: str) -> dict:

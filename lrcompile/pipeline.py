@@ -27,6 +27,7 @@ from . import __version__
 from .config import CompileConfig
 from .engine import (Analysis, Evidence, Plan, analyze, apply, check_model, collect_curvature, collect_fisher,
                      collect_stats, context, decline_records, export, mask_input, stages)
+from .engine.rewrite import MIN_IR_VERSION
 from .errors import LrcError, VerificationFailed, is_write_error, note_stage, write_error
 from .io import atomic_output, commit, load_model, same_file, write_model
 from .ir import RewriteContext
@@ -77,6 +78,7 @@ class _Run:
     new: onnx.ModelProto | None = None
     distill_info: dict | None = None
     result: CompileResult | None = None
+    notes: list[str] = field(default_factory=list)  # for the report: what _load changed or chose
 
     def mark(self, name: str) -> None:
         self.t[name] = time.perf_counter()
@@ -111,7 +113,11 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
 def _load(run: _Run) -> None:
     """Read the model, check the output path, and fail early on what would fail late."""
     config, src, out = run.config, run.src, run.out
-    run.model = run.original = load_model(src)
+    run.model = run.original = load_model(src, notes=run.notes)
+    if run.model.ir_version < MIN_IR_VERSION:
+        run.notes.append(f"IR version {run.model.ir_version} raised to {MIN_IR_VERSION} in the output "
+                         "(below 4 every initializer must also be listed as a graph input)")
+        log.info("%s", run.notes[-1])
     if out.suffix != ".onnx":
         raise LrcError(f"output {out} must end in .onnx (the engine is written beside it for --target trt)")
     if same_file(src, out):
@@ -315,7 +321,7 @@ def _write_files(run: _Run) -> None:
             verification=diffs, feeds=_feeds_info(run.feeds, config), target=target_info, status=status,
             timings={k: round(v - t["start"], 3) for k, v in t.items() if k != "start"}, report={},
         )
-        result.report = build_report(result, notes=notes + verdict.failures + verdict.unverified,
+        result.report = build_report(result, notes=run.notes + notes + verdict.failures + verdict.unverified,
                                      folded=run.analysis.folded)
         if diffs is not None:
             result.report["verification"]["verdict"] = verdict.to_dict()

@@ -63,13 +63,22 @@ def apply(ctx: RewriteContext, cands: list[Candidate], plan: Plan) -> Applied:
     return done
 
 
+#: The lowest IR version ``export`` writes. Below 4 every initializer must also be listed as a
+#: graph input, which a subgraph cannot do (If branches take no inputs; Loop and Scan bodies take
+#: theirs by position); ONNX Runtime treats such listed initializers as constants anyway.
+MIN_IR_VERSION = 4
+
+
 def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
-    """Export the rewritten graph, keeping every model-level field of the original exactly."""
+    """Export the rewritten graph, keeping every model-level field of the original exactly, except
+    an IR version below ``MIN_IR_VERSION``, which is raised to it (graphsurgeon does not list
+    initializers as graph inputs, as IR versions 1 to 3 require)."""
     model = gs.export_onnx(graph, do_type_check=False)
     del model.opset_import[:]
     model.opset_import.extend(original.opset_import)
     for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, f, getattr(original, f))
+    model.ir_version = max(model.ir_version, MIN_IR_VERSION)
     del model.metadata_props[:]
     model.metadata_props.extend(original.metadata_props)
     model.graph.doc_string = original.graph.doc_string
@@ -116,4 +125,4 @@ def check_model(path: Path, original_path: Path) -> list[str]:
     return notes
 
 
-__all__ = ["Applied", "RewriteError", "apply", "build", "check_model", "context", "export"]
+__all__ = ["MIN_IR_VERSION", "Applied", "RewriteError", "apply", "build", "check_model", "context", "export"]
