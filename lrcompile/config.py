@@ -540,13 +540,14 @@ def _tuple(s: Spec, v: Any, label: str) -> tuple:
 def _dict(s: Spec, v: Any, label: str) -> dict:
     def bad(item):
         return LrcError(f"{label} {item!r}: expected {s.option.metavar or 'KEY=VALUE'}"
-                        + (f" (e.g. {s.option.example})" if s.option.example else ""))
+                        + (f" (e.g. {s.option.example})" if s.option.example else "")
+                        + ("; the value must be a positive integer" if s.item == "int" else ""))
 
     def value(raw, item):
         if s.item == "int":
-            if isinstance(raw, str) and raw.strip().isdigit():
+            if isinstance(raw, str) and raw.strip().isdigit() and int(raw) > 0:
                 return int(raw)
-            if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+            if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0:
                 return raw
             raise bad(item)
         if isinstance(raw, str):

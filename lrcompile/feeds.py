@@ -5,12 +5,23 @@ Generated feeds (the distribution is stated in the report):
 - integer inputs that reach a Gather's indices (through Cast/Reshape/...): uniform in
   ``[0, table rows)``; inputs whose name contains "mask": all ones; other integers: uniform {0, 1};
 - bool inputs: all True;
-- dynamic dimensions: from ``dims`` by name (or ``axis0`` style keys), else 2 for the first axis
+- dynamic dimensions: from ``dims`` by name (or ``input:axis`` keys), else 2 for the first axis
   and 16 for the others.
+
+Shapes that fit (``fit_feeds``): the original model runs in ONNX Runtime on the generated feeds
+first. When it fails there (a feature pyramid that needs multiples of 32, a reflect Pad that
+needs more samples, a Concat of mismatched sizes), the dynamic dims the user did not give are
+tried at the sizes the model's metadata names (``imgsz``, ``input_size``, ...), then at
+``TRY_SIZES``, with the batch at 2 then 1; the first shapes it runs on are used. Where 16 works,
+16 is used, so nothing changes for such models.
 """
 from __future__ import annotations
 
+import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -18,8 +29,17 @@ from onnx import helper
 
 from .errors import LrcError
 
+log = logging.getLogger(__name__)
+
 PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten", "Expand"}
 DEFAULT_DIMS = (2, 16)
+#: Sizes tried for the dynamic dims past the first axis when the original fails at 16: multiples
+#: of 32 (the stride of most feature pyramids and detectors) up to the usual image sizes.
+TRY_SIZES = (32, 64, 128, 224, 256, 320, 384, 512, 640)
+#: Batch sizes tried for a dynamic first axis, in order.
+TRY_BATCHES = (2, 1)
+#: Metadata keys whose integers name an input size (e.g. ultralytics' ``imgsz: [640, 640]``).
+SIZE_KEYS = re.compile(r"(img|image|input)[_-]?(sz|size|shape|hw)|resolution|seq(uence)?[_-]?len(gth)?", re.I)
 DISTRIBUTION = ("floats ~ N(0,1) seeded; integer indices uniform in [0, table rows); "
                 "'mask' inputs all ones; other integers uniform {0,1}")
 
@@ -97,6 +117,180 @@ def random_feeds(model: onnx.ModelProto, *, seed: int = 0, dims: dict | None = N
         else:
             raise LrcError(f"input {vi.name!r} has dtype {dtype}, which lrcompile cannot generate; pass --inputs FILE.npz")
     return feeds
+
+
+#: Runs the original model on one feed: None when it ran, else ONNX Runtime's message in one line.
+Runner = Callable[[dict[str, np.ndarray]], "str | None"]
+
+
+def original_runner(path: str | Path) -> Runner | None:
+    """A ``Runner`` for the model file at ``path`` (one ONNX Runtime session, its log silenced:
+    a failure is the answer, not an error); None when ONNX Runtime cannot load the model (then
+    whatever runs it later says so)."""
+    import onnxruntime as ort
+
+    from .sessions import session
+
+    try:
+        sess = session(path, log_level=4)  # 4: fatal only
+    except LrcError:
+        return None
+    names = [o.name for o in sess.get_outputs()]
+    opts = ort.RunOptions()
+    opts.log_severity_level = 4
+
+    def run(feed: dict[str, np.ndarray]) -> str | None:
+        try:
+            sess.run(names, feed, opts)
+        except Exception as e:  # noqa: BLE001 - ORT raises Fail, InvalidArgument, RuntimeException...
+            return ort_message(e)
+        return None
+
+    return run
+
+
+def ort_message(e: Exception) -> str:
+    """ONNX Runtime's error in one short line: its status prefix and source locations dropped."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    msg = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", msg)
+    msg = re.sub(r"/\S+\.(?:h|cc|cpp|hpp):\d+ (?:[^.]*? was false\. )?", "", msg)
+    msg = re.sub(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: ",
+                 r"\1 node '\2': ", msg)
+    return msg if len(msg) <= 300 else msg[:297] + "..."
+
+
+@dataclass(frozen=True)
+class FittedFeeds:
+    """Feeds the original model runs on, and how they were found."""
+
+    feeds: dict[str, np.ndarray]
+    #: the value of each dynamic dim lrcompile chose (its name, or ``input:axis`` when unnamed).
+    dims: dict[str, int]
+    #: one line for the report when the shapes are not the defaults, else None.
+    note: str | None = None
+
+
+def _free_dims(model: onnx.ModelProto, dims: dict | None) -> dict[str, int]:
+    """The dynamic dims the user did not give: key (dim name, or ``input:axis``) -> the axis of
+    its first occurrence (0 marks a batch-like dim)."""
+    dims = dims or {}
+    out: dict[str, int] = {}
+    for vi in graph_inputs(model):
+        for ax, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                continue
+            if (d.dim_param and d.dim_param in dims) or f"{vi.name}:{ax}" in dims:
+                continue
+            out.setdefault(d.dim_param or f"{vi.name}:{ax}", ax)
+    return out
+
+
+def _metadata_sizes(model: onnx.ModelProto) -> list[tuple[int, ...]]:
+    """Sizes the model's metadata names (``imgsz: [640, 640]``, ``input_size: 320``), in order."""
+    out = []
+    for p in model.metadata_props:
+        if SIZE_KEYS.search(p.key):
+            nums = tuple(int(x) for x in re.findall(r"\d+", p.value) if 1 <= int(x) <= 8192)
+            if nums and nums not in out:
+                out.append(nums)
+    return out
+
+
+def _trials(free: dict[str, int], hints: list[tuple[int, ...]]) -> list[dict[str, int]]:
+    """Assignments of the free dims to try after the defaults: metadata sizes first, then
+    ``TRY_SIZES``; each with the batch-like dims at 2, then 1. Duplicates dropped."""
+    rest = [k for k, ax in free.items() if ax != 0]
+    batches = TRY_BATCHES if any(ax == 0 for ax in free.values()) else TRY_BATCHES[:1]
+    sizes: list[tuple[int, ...]] = []
+    for h in hints:  # one value per dim in order when they match in number, else each on all
+        sizes += [h] if len(h) == len(rest) and len(h) > 1 else [(v,) * len(rest) for v in h]
+    sizes += [(DEFAULT_DIMS[1],) * len(rest)] + [(v,) * len(rest) for v in TRY_SIZES]
+    out: list[dict[str, int]] = []
+    for size in sizes:
+        for b in batches:
+            a = {k: (b if ax == 0 else size[rest.index(k)]) for k, ax in free.items()}
+            if a not in out:
+                out.append(a)
+    return out
+
+
+def _shapes(feeds: dict[str, np.ndarray]) -> str:
+    return ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+
+
+def fit_feeds(model: onnx.ModelProto, runs: Runner | None, *, seed: int = 0, dims: dict | None = None,
+              required: bool = True) -> FittedFeeds:
+    """Seeded random feeds (``random_feeds``) at shapes the original model runs on (see the
+    module docstring). ``runs`` runs the original (None: no check, the defaults as they are).
+
+    Raises:
+        LrcError: with ``required``, when the original fails on every shape tried: one line that
+            names them and the ``--dim`` / ``--inputs`` options. Without ``required`` (nothing
+            runs the feeds later) the defaults are kept with a warning.
+    """
+    first = random_feeds(model, seed=seed, dims=dims)
+    free = _free_dims(model, dims)
+    defaults = {k: DEFAULT_DIMS[0] if ax == 0 else DEFAULT_DIMS[1] for k, ax in free.items()}
+    if runs is None:
+        return FittedFeeds(first, defaults)
+    error = runs(first)
+    if error is None:
+        return FittedFeeds(first, defaults)
+    tried = 1
+    for a in _trials(free, _metadata_sizes(model)):
+        if a == defaults:
+            continue
+        feeds = random_feeds(model, seed=seed, dims={**(dims or {}), **a})
+        tried += 1
+        if runs(feeds) is None:
+            chosen = ", ".join(f"{k}={v}" for k, v in a.items())
+            note = (f"verification inputs at {chosen} ({_shapes(feeds)}): the original model fails in ONNX Runtime "
+                    f"at the default dims ({error}); {tried} shapes tried")
+            log.warning("%s", note)
+            return FittedFeeds(feeds, a, note)
+    line = no_fit_message(model, first, error, free, dims, tried)
+    if required:
+        raise LrcError(line)
+    log.warning("%s (kept for --flops)", line)
+    return FittedFeeds(first, defaults)
+
+
+def no_fit_message(model: onnx.ModelProto, first: dict[str, np.ndarray], error: str, free: dict[str, int],
+                   dims: dict | None, tried: int) -> str:
+    """The one line when the ORIGINAL model fails on every shape tried."""
+    given = ", ".join(f"--dim {k}={v}" for k, v in (dims or {}).items())
+    if not free:
+        where = f"on the shapes {'from ' + given if given else 'it declares'} ({_shapes(first)})"
+    else:
+        rest = [k for k, ax in free.items() if ax != 0]
+        batch = [k for k, ax in free.items() if ax == 0]
+        sizes = sorted({v for h in _metadata_sizes(model) for v in h} | {DEFAULT_DIMS[1], *TRY_SIZES})
+        varied = ([f"{', '.join(rest)} at {', '.join(map(str, sizes))}"] if rest else []) \
+            + ([f"{', '.join(batch)} at {', '.join(map(str, TRY_BATCHES))}"] if batch else [])
+        where = (f"on every input shape tried ({tried}: {_shapes(first)}, then {' with '.join(varied)}"
+                 + (f"; given: {given}" if given else "") + ")")
+    names = sorted({d.dim_param or f"{vi.name}:{ax}" for vi in graph_inputs(model)
+                    for ax, d in enumerate(vi.type.tensor_type.shape.dim) if not d.dim_value})
+    return (f"the ORIGINAL model fails in ONNX Runtime {where}, before any compression: {error}; "
+            f"pass shapes it accepts with --dim NAME=INT" + (f" (its dynamic dims: {', '.join(names)})" if names else "")
+            + " or real inputs with --inputs FILE.npz")
+
+
+def check_runs(runs: Runner | None, feeds_list: list[dict[str, np.ndarray]], source: str) -> None:
+    """One line when the original model fails on the user's inputs (one feed per distinct set of
+    shapes is run)."""
+    if runs is None:
+        return
+    seen = set()
+    for feeds in feeds_list:
+        key = tuple((k, v.shape) for k, v in feeds.items())
+        if key in seen:
+            continue
+        seen.add(key)
+        error = runs(feeds)
+        if error is not None:
+            raise LrcError(f"the ORIGINAL model fails in ONNX Runtime on the inputs of {source} ({_shapes(feeds)}), "
+                           f"before any compression: {error}; pass inputs it accepts with --inputs")
 
 
 def load_feeds(path: str | Path) -> list[dict[str, np.ndarray]]:

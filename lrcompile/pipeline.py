@@ -129,7 +129,7 @@ def _load(run: _Run) -> None:
         check_available()
         next(iter_calibration(CalibSource(config.distill, 1, 1, flag="--distill"), run.model), None)
     if config.verify or config.target in ("ort", "trt") or config.flops is not None or config.resolved_latency_aware:
-        run.feeds = _feeds(run.model, config)
+        run.feeds = _feeds(run, config)
 
 
 def _prune(run: _Run) -> None:
@@ -471,12 +471,23 @@ def _decline_summary(records: list[LayerRecord]) -> str:
     return "; ".join(f"{n} x {k}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
 
 
-def _feeds(model: onnx.ModelProto, config: CompileConfig) -> list[dict[str, np.ndarray]]:
-    from .feeds import check_feeds, load_feeds, random_feeds
+def _feeds(run: _Run, config: CompileConfig) -> list[dict[str, np.ndarray]]:
+    """Verification and timing inputs the ORIGINAL model runs on (checked in ONNX Runtime): the
+    user's --inputs as given, else seeded random feeds at the --dim values, the defaults, or the
+    first usual sizes that fit (``lrcompile.feeds.fit_feeds``); one line when none does."""
+    from .feeds import check_feeds, check_runs, fit_feeds, load_feeds, original_runner
 
+    model = run.model
+    runs = original_runner(run.src)
     if config.inputs:
-        return [check_feeds(model, f, config.inputs) for f in load_feeds(config.inputs)]
-    return [random_feeds(model, seed=config.seed, dims=config.dims)]
+        feeds = [check_feeds(model, f, config.inputs) for f in load_feeds(config.inputs)]
+        check_runs(runs, feeds, f"--inputs {config.inputs}")
+        return feeds
+    required = config.verify or config.target in ("ort", "trt") or config.resolved_latency_aware
+    fitted = fit_feeds(model, runs, seed=config.seed, dims=config.dims, required=required)
+    if fitted.note:
+        run.notes.append(fitted.note)
+    return [fitted.feeds]
 
 
 def _feeds_info(feeds_list, config: CompileConfig) -> dict | None:
