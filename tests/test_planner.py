@@ -71,7 +71,9 @@ def _candidate_params_after(src, out):
 @pytest.mark.parametrize("frac", [0.3, 0.5, 0.75])
 def test_params_budget_is_respected_in_the_output_graph(mlp, tmp_path, frac):
     out = tmp_path / f"p{frac}.onnx"
-    res = lrcompile.compile(mlp, out, params=frac, allocation="error", multiple=1, min_params=0)
+    # the budget is what is checked here; plain SVD of random weights at 0.3 leaves y no signal
+    # (cosine ~0), which the default verdict rightly calls FAILED (tests/test_verdict.py)
+    res = lrcompile.compile(mlp, out, params=frac, allocation="error", multiple=1, min_params=0, verify=False)
     kept, dense = _candidate_params_after(mlp, out)
     assert kept <= frac * dense
     assert kept >= frac * dense - (64 + 128)  # the greedy fill leaves less than one rank step unspent
