@@ -129,6 +129,18 @@ def test_converter_failure_is_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "o.onnx").exists()
 
 
+def test_complete_spectrum_rank_ignores_rounding_of_the_total():
+    """A rank-1 weight at --energy 1.0 is rank 1: with every singular value known, the spectrum's
+    own energy is the total. ||W||_F^2 summed over millions of entries differs from it by more
+    than 1e-12 (the backend test data's 4096 x 1024 fc7: 2.7e-12), which used to keep it dense."""
+    from lrcompile.factorize.svd import choose_rank
+    from lrcompile.factorize.types import RankPolicy
+
+    s = np.array([40.96, 2.7e-13, 1.3e-14])
+    assert choose_rank(RankPolicy(energy=1.0, multiple=1), s, float(s[0] ** 2) * (1 + 3e-12), 4096, 3) == 1
+    assert choose_rank(RankPolicy(energy=1.0, multiple=1), s[:2], float(s[0] ** 2) * (1 + 3e-12), 4096, 3) == 3
+
+
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 LIGHT_MODELS = sorted(p.name for p in LIGHT.glob("light_*.onnx")) if LIGHT.is_dir() else []
 

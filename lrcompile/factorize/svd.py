@@ -396,6 +396,8 @@ def choose_rank(policy: RankPolicy, s: np.ndarray, total_energy: float, k: int, 
     if policy.ratio is not None:
         return round_rank(policy.ratio * k * n / (k + n), policy.multiple, up=False, cap=cap)
     s = np.asarray(s, np.float64)
+    if len(s) >= cap:  # a complete spectrum holds all the energy: the total differs by rounding only
+        total_energy = float(np.sum(s**2))
     r = _criterion_rank(policy, s, total_energy)
     if r is None:
         if len(s) >= cap:  # complete spectrum: only rounding kept it from being met
