@@ -16,6 +16,10 @@ the outputs alone, on MiniLM the two tied). Adam with a cosine-decayed learning 
 order, so the same data and options give the same weights. With a 2-D mask input the rows are
 batched by length and each batch cut to its longest row, which spends no compute on padding.
 
+When onnx2torch cannot convert the compressed model even normalised (``fisher.Unconvertible``), the
+step is skipped with a warning and the report's ``distillation`` says why: the rewrite's weights
+are kept and the compile goes on.
+
 Guard: the data's last tenth (at least one batch) is held out. Its loss is measured before
 training and after each epoch, and the weights with the lowest held-out loss are returned: when
 training does not help on unseen data, the model comes back as the rewrite made it.
@@ -175,6 +179,12 @@ def _split(feeds: list[dict[str, np.ndarray]]) -> tuple[list, list]:
     return feeds[:-n_val], feeds[-n_val:]
 
 
+def _skipped(compressed: onnx.ModelProto, why: Exception, t0: float) -> DistillResult:
+    """The compressed model as the rewrite made it, when the torch side declines it."""
+    log.warning("--distill skipped: %s; the rewritten weights are kept", why)
+    return DistillResult(compressed, {"skipped": str(why), "seconds": round(time.perf_counter() - t0, 3)})
+
+
 def distill(
     original: onnx.ModelProto,
     compressed: onnx.ModelProto,
@@ -212,7 +222,7 @@ def distill(
         raise LrcError(f"--distill-lr {lr}: give a positive learning rate")
     if match not in DISTILL_MATCHES:
         raise LrcError(f"--distill-match {match!r}: choose one of {', '.join(DISTILL_MATCHES)}")
-    from .fisher import import_convert, modules_by_output
+    from .fisher import Unconvertible, frozen_module, import_convert, modules_by_output, run_module
 
     convert = import_convert()
     import torch
@@ -234,6 +244,15 @@ def distill(
                            f"{onnx.TensorProto.DataType.Name(inits[w].data_type)} (distill before converting to fp16)")
     baked = {n.input[i] for n in compressed.graph.node for i in BAKED.get(n.op_type, ()) if i < len(n.input)}
     baked &= set(names)
+    # student: the compressed model in torch, its new tensors leaves (or baked module parameters);
+    # converted first, so that a model the torch side declines costs no data reading or teacher
+    prepared, lifted = _prepared(compressed, names, baked)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = frozen_module(convert, prepared)
+    except Unconvertible as e:
+        return _skipped(compressed, e, t0)
     feeds = list(batches)
     train, val = _split(feeds)
     grouped = group_lengths and _groupable(train, mask_input)
@@ -251,13 +270,6 @@ def distill(
     teacher_in = [i.name for i in teacher.get_inputs()]
     teacher_out = [o.name for o in teacher.get_outputs()]
 
-    # student: the compressed model in torch, its new tensors leaves (or baked module parameters)
-    prepared, lifted = _prepared(compressed, names, baked)
-    from .fisher import frozen_module
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = frozen_module(convert, prepared)
     torch.manual_seed(seed)
     leaves = {w: torch.nn.Parameter(torch.from_numpy(numpy_helper.to_array(inits[w]).copy())) for w in lifted}
     by_output = modules_by_output(gm)
@@ -308,8 +320,9 @@ def distill(
         captured.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = gm(*[leaves[by_input[n]] if n in by_input else torch.from_numpy(np.ascontiguousarray(feed[n]))
-                       for n in order])
+            args = [leaves[by_input[n]] if n in by_input else torch.from_numpy(np.ascontiguousarray(feed[n]))
+                    for n in order]
+            res = run_module(gm, args)
         res = list(res) if isinstance(res, (tuple, list)) else [res]
         got = dict(zip(outputs, res)) | captured
         mask = feed_mask(feed, mask_input)
@@ -341,12 +354,12 @@ def distill(
     def snapshot() -> dict[str, np.ndarray]:
         return {w: p.detach().numpy().copy() for w, p in (leaves | baked_params).items()}
 
-    history = [{"epoch": 0, "held_out_loss": held_out()}]
-    best, best_epoch = snapshot(), 0
-    with torch.no_grad():
-        n_terms = loss_of(-1, val[0])[1]
     bar = tqdm(total=steps, desc="distill", unit="batch", disable=None if progress else True, leave=False)
     try:
+        history = [{"epoch": 0, "held_out_loss": held_out()}]
+        best, best_epoch = snapshot(), 0
+        with torch.no_grad():
+            n_terms = loss_of(-1, val[0])[1]
         for epoch in range(1, epochs + 1):
             total = 0.0
             for b in np.random.default_rng(seed + epoch).permutation(len(train)):
@@ -362,6 +375,8 @@ def distill(
             history.append({"epoch": epoch, "train_loss": total / len(train), "held_out_loss": h})
             if h < min(r["held_out_loss"] for r in history[:-1]):
                 best, best_epoch = snapshot(), epoch
+    except Unconvertible as e:
+        return _skipped(compressed, e, t0)
     finally:
         bar.close()
         for hd in handles:

@@ -17,6 +17,12 @@ shared by several nodes gets its total gradient. Conv/ConvTranspose weights cann
 (onnx2torch bakes them into ``nn.ConvNd`` modules, same layout): their gradient is read from those
 modules' ``weight`` parameters.
 
+Conversion: a model onnx2torch refuses is normalised for the torch-side copy only (the model that is
+rewritten and written stays the user's) and converted again; see :func:`normalised`. A model that
+still does not convert raises :class:`Unconvertible`, and each torch-side step declines with that
+reason instead of ending the compile: kfac's layers fall back to whiten, fwsvd's to plain SVD, and
+``--distill`` keeps the rewrite's weights (``lrcompile.distill``).
+
 Labels (the convention): a calibration ``.npz`` may carry the labels as the array ``__labels__``
 (one row per sample, aligned with the inputs; names starting with ``__`` are not model inputs), or
 the user passes a separate ``.npy`` (``--labels``). Losses: ``bce`` (a probability output with one
@@ -310,19 +316,208 @@ def _lift(model: onnx.ModelProto, values: dict[str, np.ndarray], output: str):
     return m, lifted, baked
 
 
+class Unconvertible(LrcError):
+    """onnx2torch cannot convert the model (or its module fails on the data), even normalised: the
+    torch-side methods decline it with this message as the reason."""
+
+
+#: The newest opset whose op versions onnx2torch 1.5.15 converts: opset 18 moved the Reduce* axes,
+#: Split's sizes and Pad's axes into inputs and revised Resize and ScatterND, and onnx2torch has no
+#: converter for those versions (nor for the opset 19-21 versions of Reshape, Cast, Shape, ...).
+TORCH_OPSET = 17
+
+
+def normalised(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` that onnx2torch converts where it refused the original, and what changed.
+
+    Two rewrites, each the same function on every input the model accepts:
+
+    - above opset :data:`TORCH_OPSET`, the model is converted down to it with ``onnx.version_converter``
+      (constant axes inputs become attributes; a reduction with ``noop_with_empty_axes=1`` and no axes,
+      which the adapter leaves as an all-axes reduction, becomes the ``Identity`` it is);
+    - ``Reshape(allowzero=1)`` becomes ``allowzero=0`` where the two modes agree on every run. They
+      differ only at a 0 in the shape: ``allowzero=1`` keeps it, ``allowzero=0`` copies the data's
+      dim at that position. So they agree when the shape holds no 0 (constant entries other than 0),
+      when it holds a ``-1`` (the spec makes a 0 beside a -1 invalid under ``allowzero=1``), and at an
+      entry read by ``Shape`` that is the data's own dim at that position (the same symbol after
+      shape inference: a 0 there is the 0 that ``allowzero=0`` copies). The dynamo exporter writes
+      every ``view`` this way: ``Concat(Shape(t)[0:1], Shape(t)[1:2], [heads], [size])`` of a tensor
+      whose batch and sequence dims are those symbols.
+
+    Returns:
+        (model, notes); no notes and ``model`` itself when nothing applied.
+    """
+    from onnx import version_converter
+
+    from .io import opset_of
+
+    notes = []
+    m = model
+    opset = opset_of(model)
+    if opset > TORCH_OPSET:
+        try:
+            m = version_converter.convert_version(model, TORCH_OPSET)
+        except Exception as e:  # noqa: BLE001 - no adapter for some node: leave the opset
+            log.info("onnx.version_converter %d -> %d failed (%s: %s)", opset, TORCH_OPSET, type(e).__name__, e)
+        else:
+            identities = _reductions_after_downgrade(m)
+            notes.append(f"opset {opset} -> {TORCH_OPSET} (onnx.version_converter"
+                         + (f"; {identities} no-op reductions as Identity)" if identities else ")"))
+    zero_free = _zero_free_reshapes(m)
+    if zero_free:
+        m = _copy(model) if m is model else m
+        for i in zero_free:
+            for a in m.graph.node[i].attribute:
+                if a.name == "allowzero":
+                    a.i = 0
+        notes.append(f"{len(zero_free)} Reshape allowzero=1 -> 0 (where both modes agree)")
+    return (m, notes) if notes else (model, [])
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def _reductions_after_downgrade(m: onnx.ModelProto) -> int:
+    """Drop the ``noop_with_empty_axes`` attribute the version adapter leaves on reductions that had
+    none before opset 18 (all but ReduceSum); one set to 1 with no axes is the identity, and becomes
+    ``Identity``. Returns how many became ``Identity``."""
+    identities = 0
+    for node in m.graph.node:
+        if not node.op_type.startswith("Reduce") or node.op_type == "ReduceSum" or node.domain not in ("", "ai.onnx"):
+            continue
+        attr = {a.name: a for a in node.attribute}
+        noop = attr.get("noop_with_empty_axes")
+        if noop is None:
+            continue
+        if noop.i and not (attr.get("axes") and attr["axes"].ints):
+            node.op_type = "Identity"
+            del node.attribute[:]
+            del node.input[1:]
+            identities += 1
+        else:
+            node.attribute.remove(noop)
+    return identities
+
+
+def _zero_free_reshapes(m: onnx.ModelProto) -> list[int]:
+    """Indices of the ``Reshape(allowzero=1)`` nodes that ``allowzero=0`` computes alike (see
+    :func:`normalised`): the shape is built of constants (a Concat of constants and ``Shape`` reads
+    also counts), and either holds a ``-1`` or every entry that may be 0 is the data's own dim at that
+    position (the same symbol in shape inference), so a 0 copied under ``allowzero=0`` is that 0."""
+    reshapes = [i for i, n in enumerate(m.graph.node) if n.op_type == "Reshape" and n.domain in ("", "ai.onnx")
+                and len(n.input) > 1 and any(a.name == "allowzero" and a.i for a in n.attribute)]
+    if not reshapes:
+        return []
+    inits = {i.name: i for i in m.graph.initializer}
+    consts = {n.output[0]: a.t for n in m.graph.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
+              for a in n.attribute if a.name == "value"}
+    producer = {o: n for n in m.graph.node for o in n.output}
+    dims = _symbolic_dims(m)
+
+    def entries(name: str) -> list | None:
+        """The shape tensor's entries: ``("c", int)`` for a constant, ``("d", dim)`` for a dim read by
+        Shape (``dim`` an int, a symbol name, or None when unknown); None when not of that form."""
+        t = inits.get(name) or consts.get(name)
+        if t is not None:
+            v = numpy_helper.to_array(t)
+            return [("c", int(x)) for x in v.reshape(-1)] if v.ndim <= 1 and v.dtype.kind in "iu" else None
+        src = producer.get(name)
+        if src is None or src.domain not in ("", "ai.onnx"):
+            return None
+        if src.op_type == "Concat":
+            parts = [entries(i) for i in src.input]
+            return None if any(q is None for q in parts) else [e for q in parts for e in q]
+        if src.op_type == "Shape":
+            d = dims.get(src.input[0])
+            if d is None:
+                return None
+            attr = {a.name: a.i for a in src.attribute}
+            return [("d", x) for x in d[slice(attr.get("start", 0), attr.get("end"))]]
+        return None
+
+    def same(node: onnx.NodeProto) -> bool:
+        es = entries(node.input[1])
+        if es is None:
+            return False
+        if ("c", -1) in es:  # with allowzero=1 a 0 beside a -1 is invalid: no valid run has a 0 here
+            return True
+        data = dims.get(node.input[0]) or []
+        for i, (kind, v) in enumerate(es):
+            if kind == "c" and v != 0:
+                continue
+            if kind == "d" and (isinstance(v, int) and v > 0 or isinstance(v, str) and i < len(data) and data[i] == v):
+                continue
+            return False
+        return True
+
+    return [i for i in reshapes if same(m.graph.node[i])]
+
+
+def _symbolic_dims(m: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+    """Tensor name -> its dims from shape inference (an int, a symbol name, or None when unknown), for
+    the tensors whose rank is known. Symbols are the model's own (exporters write value_info, and
+    ``data_prop`` carries them through Shape/Concat/Reshape); equal names are equal sizes."""
+    g = m.graph
+    try:
+        light = onnx.ModelProto()
+        light.CopyFrom(m)
+        for t in light.graph.initializer:  # the weights' values are not needed for shapes, only small constants
+            if int(np.prod(t.dims)) > 64:
+                t.CopyFrom(onnx.TensorProto(name=t.name, dims=t.dims, data_type=t.data_type))
+        g = onnx.shape_inference.infer_shapes(light, data_prop=True).graph
+    except Exception as e:  # noqa: BLE001 - the model's own value_info then
+        log.info("shape inference for the Reshape check failed (%s: %s)", type(e).__name__, e)
+    out = {}
+    for v in (*g.input, *g.value_info, *g.output):
+        t = v.type.tensor_type
+        if t.HasField("shape"):
+            out[v.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+    for t in m.graph.initializer:
+        out[t.name] = list(t.dims)
+    return out
+
+
 def frozen_module(convert, model: onnx.ModelProto):
     """The onnx2torch module of ``model`` in eval mode, its own parameters frozen (gradients flow only
-    to what the caller marks); one line when onnx2torch cannot convert it."""
+    to what the caller marks). A model onnx2torch refuses is converted again :func:`normalised`
+    (same tensor names, same inputs and outputs); :class:`Unconvertible` when that fails too."""
     try:
         gm = convert(model, attach_onnx_mapping=True)
     except LrcError:
         raise
     except Exception as e:  # noqa: BLE001 - an op onnx2torch cannot convert
-        raise LrcError(f"onnx2torch cannot convert this model ({type(e).__name__}: {e})") from None
+        first = f"{type(e).__name__}: {e}"
+        again, notes = normalised(model)
+        if not notes:
+            raise Unconvertible(f"onnx2torch cannot convert this model ({first})") from None
+        try:
+            gm = convert(again, attach_onnx_mapping=True)
+        except LrcError:
+            raise
+        except Exception as e2:  # noqa: BLE001
+            raise Unconvertible(f"onnx2torch cannot convert this model ({type(e2).__name__}: {e2}; "
+                                f"tried after {', '.join(notes)})") from None
+        log.info("onnx2torch converted the torch-side copy after %s (it refused the model as it is: %s)",
+                 ", ".join(notes), first)
     gm.eval()
     for p in gm.parameters():
         p.requires_grad_(False)
     return gm
+
+
+def run_module(gm, args: list):
+    """``gm(*args)``; :class:`Unconvertible` when onnx2torch's module fails on the data (it converted
+    an op it cannot run at these shapes)."""
+    try:
+        return gm(*args)
+    except LrcError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise Unconvertible(f"the torch module onnx2torch made of this model fails on the calibration data "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def modules_by_output(gm, *, single: bool = False) -> dict:
@@ -393,8 +588,20 @@ def collect_fisher(
         progress: show a progress bar; ``total`` is its sample count.
 
     Returns:
-        name -> float64 Fisher in the tensor's stored layout.
+        name -> float64 Fisher in the tensor's stored layout; empty, with a warning, when the torch
+        side declines the model (:class:`Unconvertible`): the layers fall back to plain SVD.
     """
+    try:
+        return _collect_fisher(model, weight_names, batches, labels, loss=loss, output=output, progress=progress,
+                               total=total)
+    except Unconvertible as e:
+        log.warning("Fisher (fwsvd --fisher collect) declined: %s; its layers fall back to plain SVD", e)
+        return {}
+
+
+def _collect_fisher(model: onnx.ModelProto, weight_names: list[str], batches: Iterable[dict[str, np.ndarray]],
+                    labels: Iterable[np.ndarray] | np.ndarray, *, loss: str, output: str | None, progress: bool,
+                    total: int | None) -> dict[str, np.ndarray]:
     if loss not in LOSSES:
         raise LrcError(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
     convert = import_convert()
@@ -445,7 +652,7 @@ def collect_fisher(
                            f"for {rows} samples; labels must align with the calibration batches")
         args = [leaves[by_input[n]] if n in by_input else torch.from_numpy(np.ascontiguousarray(feed[n]))
                 for n in order]
-        res = gm(*args)
+        res = run_module(gm, args)
         if isinstance(res, (tuple, list)):
             res = res[out_index]
         if y.dtype.kind in "biu" and y.ndim == res.ndim > 1 and y.shape[-1] == 1 < res.shape[-1]:
@@ -602,9 +809,20 @@ def collect_output_curvature(
     output = output or outs[0]
     if output not in outs:
         raise LrcError(f"the probed output {output!r} (--metric-output) is not a model output; choose one of {outs}")
-    gm = frozen_module(convert, for_torch(model, [output]))
-    by_output = modules_by_output(gm, single=True)
     res = OutputCurvature(info={"output": output, "probes": probes, "seed": seed, "mask_input": mask_input})
+
+    def declined(e: Unconvertible) -> OutputCurvature:
+        """Every tensor without a Gram, for this reason: the layers fall back (Evidence.for_layer:
+        kfac -> whiten) and the compile goes on."""
+        log.warning("output curvature (kfac) declined: %s; its layers fall back to whiten", e)
+        info = {**res.info, "declined": str(e), "tensors": 0, "seconds": round(time.perf_counter() - t0, 3)}
+        return OutputCurvature(reasons={t: str(e) for t in tensors}, info=info)
+
+    try:
+        gm = frozen_module(convert, for_torch(model, [output]))
+    except Unconvertible as e:
+        return declined(e)
+    by_output = modules_by_output(gm, single=True)
     names = []
     for t in dict.fromkeys(tensors):
         if t in by_output:
@@ -639,7 +857,7 @@ def collect_output_curvature(
             captured.clear()
             with torch.enable_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # onnx2torch's tracing notes, one per batch
-                out = gm(*[torch.from_numpy(np.ascontiguousarray(feed[n])) for n in order])
+                out = run_module(gm, [torch.from_numpy(np.ascontiguousarray(feed[n])) for n in order])
                 if isinstance(out, (tuple, list)):
                     out = out[0]
                 live = [t for t in names if t in captured]
@@ -669,6 +887,8 @@ def collect_output_curvature(
             seen += n_rows
             kept += int(mask.sum()) if mask is not None else 0
             bar.update(n_rows)
+    except Unconvertible as e:
+        return declined(e)
     finally:
         for h in handles:
             h.remove()

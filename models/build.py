@@ -28,6 +28,8 @@ BUILDERS = {
     "tiny-transformer": ("synthetic", "tiny_transformer", False, "one encoder block, [batch, seq, 64] (numpy only)"),
     "tiny-cnn": ("synthetic", "tiny_cnn", False, "strided, dilated, grouped, depthwise convs + Gemm head (numpy only)"),
     "minilm-l6": ("minilm", "minilm_l6", True, "all-MiniLM-L6-v2 sentence embeddings on product reviews (torch)"),
+    "minilm-l6-dynamo": ("minilm", "minilm_l6_dynamo", True,
+                         "minilm-l6 through torch's dynamo exporter: opset 18, weights in model.onnx.data (torch)"),
     "deepfm-ml100k": ("ctr", "deepfm", True, "DeepFM CTR model trained on MovieLens-100K (torch)"),
     "dcnv2-ml100k": ("ctr", "dcnv2", True, "DCN-V2 CTR model trained on MovieLens-100K (torch)"),
     "cnn-digits": ("cnn", "cnn_digits", False, "small CNN trained on sklearn digits (torch)"),

