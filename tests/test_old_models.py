@@ -157,4 +157,15 @@ def test_backend_light_models_lossless_at_full_size(name, tmp_path):
     onnx.checker.check_model(new, full_check=True)
     assert opset_of(new) == 11 and new.ir_version == 4
     assert res.report["totals"]["params_after"] < res.report["totals"]["params_before"]
+    assert not any("break-even" in r.reason for r in res.layers)  # rank 1 everywhere: none left dense
     assert all(d["rel_l2"] <= 1e-5 for d in res.verification), res.verification
+    # their Softmax outputs are near uniform (constant weights), so compare the logits too
+    from lrcompile.sessions import session, with_outputs
+
+    logits = [n for n in onnx.load(str(src)).graph.node if n.op_type == "Softmax"][-1].input[0]
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    got = []
+    for m in (onnx.load(str(src)), new):
+        sess = session(with_outputs(m, [logits]), ["CPUExecutionProvider"])
+        got.append(sess.run([logits], {sess.get_inputs()[0].name: x})[0].astype(np.float64))
+    assert np.isfinite(got[0]).all() and np.linalg.norm(got[1] - got[0]) <= 1e-5 * np.linalg.norm(got[0])
