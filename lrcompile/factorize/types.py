@@ -160,3 +160,59 @@ def round_rank(r: float, multiple: int, *, up: bool, cap: int) -> int:
         if out < 1:
             out = math.floor(r)
     return int(max(1, min(out, cap)))
+
+
+@dataclass(frozen=True)
+class SparseFit:
+    """The result of a sparse or sparse + dense fit of one weight ``B [K, N]``:
+    ``B ~= A @ C + S`` where any of the parts may be absent.
+
+    The forms that make one (``lrcompile.factorize.sparse`` and ``.sparsedense``):
+
+    ===============  =========================  =========================  ===========================
+    kind             a                          c                          s
+    ===============  =========================  =========================  ===========================
+    ``nm``           None                       None                       ``[K, N]`` N:M along K
+    ``lowrank+sparse`` ``[K, r]`` dense         ``[r, N]`` dense           ``[K, N]`` (``pattern``)
+    ``dense-nm``     ``[K, k]`` dense (D)       ``[k, N]`` N:M along k     None
+    ``dictionary``   ``[K, k]`` dense (D)       ``[k, N]`` s per column    None
+    ===============  =========================  =========================  ===========================
+
+    Sparse arrays are held dense, with exact zeros off the pattern (``pattern`` names it:
+    ``"nm:2:4"`` along the reduction axis, ``"unstructured"``, ``"rows"`` = whole input rows of
+    ``B`` (channel-wise), ``"cols:s"`` = at most ``s`` nonzeros per column). ``c_pattern`` is the
+    pattern of ``c`` for ``dense-nm`` / ``dictionary`` (None: dense).
+
+    Attributes:
+        rel_error: ``||B - B'||_F / ||B||_F``.
+        objective_error: the relative error in the fit's own metric, ``||L^T (B - B')||_F /
+            ||L^T B||_F`` with ``G = L L^T`` the (undamped) input Gram; equals ``rel_error`` when
+            no Gram was given.
+        info: scalar details (iterations, damping, nonzeros, ...) for the JSON report.
+    """
+
+    kind: str
+    method: str
+    rel_error: float
+    objective_error: float
+    a: np.ndarray | None = None
+    c: np.ndarray | None = None
+    s: np.ndarray | None = None
+    pattern: str | None = None
+    c_pattern: str | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if self.s is not None:
+            return tuple(self.s.shape)
+        return (self.a.shape[0], self.c.shape[1])
+
+    def dense(self) -> np.ndarray:
+        """``A C + S`` as one dense ``[K, N]`` array (float64)."""
+        out = np.zeros(self.shape, np.float64)
+        if self.a is not None:
+            out += self.a.astype(np.float64) @ self.c.astype(np.float64)
+        if self.s is not None:
+            out += self.s
+        return out
