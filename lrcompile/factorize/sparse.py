@@ -322,3 +322,192 @@ def nm_prune(
             "gram": g is not None,
         },
     )
+
+
+# ----------------------------------------------------------------------------- low rank + sparse
+
+
+def _sparse_support(r: np.ndarray, pattern: str, nonzeros: int, n: int, m: int, perm) -> np.ndarray:
+    """Keep-mask of the projection of ``r [K, N]`` on ``pattern`` (largest magnitudes)."""
+    k, cols = r.shape
+    if pattern == "nm":
+        return nm_magnitude_mask(r, n, m, perm)
+    mask = np.zeros(r.shape, bool)
+    if pattern == "rows":
+        rows = min(nonzeros // cols, k)
+        if rows > 0:
+            norms = np.sum(r * r, axis=1)
+            keep = np.argsort(-norms, kind="stable")[:rows]
+            mask[keep] = True
+        return mask
+    count = min(nonzeros, r.size)
+    if count > 0:
+        flat = np.argsort(-np.abs(r).ravel(), kind="stable")[:count]
+        mask.ravel()[flat] = True
+    return mask
+
+
+def _values_in_metric(resid: np.ndarray, mask: np.ndarray, h: np.ndarray, pattern: str) -> np.ndarray:
+    """Least-squares values of ``S`` on a fixed support in the metric ``h``:
+    ``min ||R^T (resid - S)||_F`` over ``S`` with ``S = 0`` off ``mask`` (module docstring)."""
+    s = np.zeros_like(resid)
+    hr = h @ resid
+    if pattern == "rows":
+        rows = np.flatnonzero(mask.any(axis=1))
+        if rows.size:
+            s[rows] = sla.solve(h[np.ix_(rows, rows)], hr[rows], assume_a="pos")
+        return s
+    for j in range(resid.shape[1]):
+        rows = np.flatnonzero(mask[:, j])
+        if rows.size:
+            s[rows, j] = sla.solve(h[np.ix_(rows, rows)], hr[rows, j], assume_a="pos")
+    return s
+
+
+def lowrank_sparse(
+    b: np.ndarray,
+    rank: int,
+    nonzeros: int = 0,
+    gram: np.ndarray | None = None,
+    *,
+    pattern: str = "unstructured",
+    n: int = 2,
+    m: int = 4,
+    order=None,
+    iters: int = 20,
+    refit_iters: int = DEFAULT_REFIT_ITERS,
+    damping: float = DEFAULT_DAMPING,
+    seed: int = 0,
+) -> SparseFit:
+    """``B ~= A C + S``: OATS-scaled alternation, then (with a Gram) an exact refit in the input
+    metric; the best candidate is kept (module docstring).
+
+    Args:
+        b: the weight ``[K, N]``, used as ``X @ B``.
+        rank: rank of ``A C`` (1 .. min(K, N)).
+        nonzeros: the budget of ``S``: entries for ``"unstructured"``; ``rows * N`` for
+            ``"rows"`` (``nonzeros // N`` whole rows); ignored for ``"nm"``.
+        gram: ``G = X^T X [K, K]`` (None: plain Frobenius objective, ``D = I``, no refit).
+        pattern: ``"unstructured"``, ``"rows"`` or ``"nm"``.
+        n: kept per group for ``"nm"``.
+        m: group size for ``"nm"``.
+        order: group order for ``"nm"`` (see ``nm_prune``).
+        iters: maximum OATS iterations (stops early when the scaled error stalls).
+        refit_iters: rounds of (low-rank step, sparse step) per refit chain (0: OATS only).
+        damping: ``lambda`` in ``G + lambda tr(G)/K I`` (the scale ``D`` and the refit use it).
+        seed: seed of the randomized truncated SVD (``svd.truncated_svd``, solver ``auto``).
+
+    Returns:
+        ``SparseFit(kind="lowrank+sparse")`` with ``a [K, rank]``, ``c [rank, N]`` (orthonormal
+        rows), ``s [K, N]`` exactly zero off ``pattern`` (``"nm:n:m"`` for N:M). ``info``:
+        ``nonzeros`` (of ``s``), ``s_rows`` (``"rows"``), ``oats_iterations``,
+        ``oats_objective``, ``source`` (``"oats"``, ``"refit-oats"`` or ``"refit-lowrank"``),
+        ``objective_history`` (the objective of every candidate, in order), ``damping``.
+
+    Raises:
+        ValueError: bad rank, budget, pattern, ``n``/``m``/``order``, ``gram`` or ``damping``.
+    """
+    b64, dtype = _check_weight(b)
+    k, cols = b64.shape
+    if pattern not in PATTERNS:
+        raise ValueError(f"unknown sparse pattern {pattern!r}; choose one of {', '.join(PATTERNS)}")
+    if not 1 <= int(rank) <= min(k, cols):
+        raise ValueError(f"rank must be in 1..{min(k, cols)} for a {k}x{cols} weight, got {rank}")
+    rank = int(rank)
+    if pattern == "nm":
+        _check_nm(n, m)
+        perm = group_order(k, m, order)
+    else:
+        perm = None
+        if nonzeros < 0:
+            raise ValueError(f"nonzeros must be >= 0, got {nonzeros}")
+    if iters < 1 or refit_iters < 0:
+        raise ValueError(f"iters must be >= 1 and refit_iters >= 0, got {iters} and {refit_iters}")
+    g = _check_gram(gram, k)
+    h = _damped(g, damping) if g is not None else None
+    d = np.sqrt(np.diag(h)) if h is not None else np.ones(k)
+    nonzeros = int(nonzeros)
+
+    # OATS on B_s = D B
+    bs = d[:, None] * b64
+    s_scaled = np.zeros_like(bs)
+    prev = np.inf
+    history_scaled = []
+    for it in range(1, iters + 1):
+        u, sv, vt = truncated_svd(bs - s_scaled, rank, seed=seed)
+        low = (u * sv) @ vt
+        resid = bs - low
+        s_scaled = np.where(_sparse_support(resid, pattern, nonzeros, n, m, perm), resid, 0.0)
+        err = float(np.linalg.norm(resid - s_scaled))
+        history_scaled.append(err)
+        if np.isfinite(prev) and prev - err <= OATS_TOL * prev:
+            break
+        prev = err
+    oats_iters = it
+    candidates = [("oats", (u * sv) / d[:, None], vt, s_scaled / d[:, None])]
+
+    if h is not None and refit_iters > 0:
+        root_t, root_t_solve, _ = sqrt_factor(h)
+        policy = RankPolicy(rank=rank)
+
+        def lowrank_step(target):
+            a, c, _, _ = lowrank_in_metric(target, root_t, root_t_solve, policy, solver="auto", seed=seed)
+            return a, c
+
+        def sparse_step(resid, mask):
+            if pattern == "nm":
+                return nm_prune(resid, n, m, g, order=perm, damping=damping).s
+            return _values_in_metric(resid, mask, h, pattern)
+
+        # chain 1 from the OATS support, chain 2 from the pure whitened low rank
+        s_oats = candidates[0][3]
+        a0, c0 = lowrank_step(b64)
+        starts = [
+            ("refit-oats", s_oats, s_oats != 0),
+            ("refit-lowrank", None, _sparse_support(d[:, None] * (b64 - a0 @ c0), pattern, nonzeros, n, m, perm)),
+        ]
+        for name, s_cur, mask in starts:
+            for _ in range(refit_iters):
+                if s_cur is None:  # the chain starts from S = 0: its first low-rank step is a0, c0
+                    a, c = a0, c0
+                else:
+                    a, c = lowrank_step(b64 - s_cur)
+                s_cur = sparse_step(b64 - a @ c, mask)
+                candidates.append((name, a, c, s_cur))
+
+    # keep the candidate with the lowest undamped objective, measured on the cast arrays
+    best = None
+    history = []
+    for name, a, c, s in candidates:
+        a_t, c_t, s_t = a.astype(dtype), c.astype(dtype), s.astype(dtype)
+        approx = a_t.astype(np.float64) @ c_t.astype(np.float64) + s_t.astype(np.float64)
+        obj = objective(b64, approx, g)
+        history.append(obj)
+        if best is None or obj < best[0]:
+            best = (obj, name, a_t, c_t, s_t, approx)
+    obj, name, a_t, c_t, s_t, approx = best
+    info = {
+        "rank": rank,
+        "nonzeros": int(np.count_nonzero(s_t)),
+        "oats_iterations": oats_iters,
+        "oats_objective": history[0],
+        "oats_scaled_errors": history_scaled,
+        "objective_history": history,
+        "source": name,
+        "refit_iters": refit_iters if h is not None else 0,
+        "damping": float(damping) if g is not None else 0.0,
+    }
+    if pattern == "rows":
+        info["s_rows"] = int(np.count_nonzero(np.any(s_t != 0, axis=1)))
+    return SparseFit(
+        kind="lowrank+sparse",
+        method="oats" if g is None else "oats+refit",
+        rel_error=rel_norm(b64 - approx, b64),
+        objective_error=obj,
+        a=a_t,
+        c=c_t,
+        s=s_t,
+        pattern=f"nm:{n}:{m}" if pattern == "nm" else pattern,
+        info=info,
+    )
+
