@@ -42,7 +42,7 @@ DEFAULT_RATIO = 0.5
 #: The value that turns a text option off (``--mask-input none``, ``--timing-cache none``).
 OFF = "none"
 #: Help sections of the ``compile`` command, in the order ``--help`` and docs/cli.md show them.
-SECTIONS = ("Target", "Rank policy (per layer)", "Global budget", "Latency", "Method and data", "MLP pruning",
+SECTIONS = ("Target", "Form", "Rank policy (per layer)", "Global budget", "Latency", "Method and data", "MLP pruning",
             "Fisher information and curvature", "Distillation", "Layer selection", "Verification",
             "Output and TensorRT")
 
@@ -50,6 +50,12 @@ SECTIONS = ("Target", "Rank policy (per layer)", "Global budget", "Latency", "Me
 def public_methods() -> tuple[str, ...]:
     """The factorization methods a user may name (registration order)."""
     return tuple(k for k, v in METHODS.items() if not v.internal)
+
+
+def _form_names() -> tuple[str, ...]:
+    from .forms import layer_form_names  # loads onnx: only when the names are shown or checked
+
+    return layer_form_names() + ("auto",)
 
 
 def _metric_names() -> tuple[str, ...]:
@@ -108,6 +114,24 @@ class CompileConfig:
 
     target: str = opt("onnx", "onnx: write the model; ort: also ORT latency + optimized model; trt: also a TensorRT "
                       "engine.", choices=TARGETS, section="Target")
+    form: str = opt("lowrank", "What each weight becomes: {choices} (docs/forms.md).", choices=_form_names,
+                    section="Form",
+                    doc="lowrank: the chain A C (the default); nm: the weight pruned to N of every M along its "
+                    "reduction axis and refit (TensorRT's sparse kernels with --sparse-weights); lowrank+sparse: A C "
+                    "+ S; dense-nm: D S with S N:M; dictionary: D C with C sparse per column. The rank policy or "
+                    "budget sets each layer's storage; nm's size is its pattern.")
+    layer_forms: tuple[str, ...] = opt((), "Per-layer form (repeatable; the first matching pattern wins).",
+                                       flag="--layer-form", multiple=True, metavar="REGEX=FORM",
+                                       example="--layer-form 'attention.*=nm'")
+    nm: str = opt("2:4", "The N:M pattern of nm, dense-nm and --sparse-pattern nm.", metavar="N:M",
+                  doc="TensorRT's sparse tensor cores run 2:4.")
+    sparse_share: float = opt(0.25, "lowrank+sparse: the share of each layer's storage spent on the sparse part S.")
+    sparse_pattern: str = opt("unstructured", "lowrank+sparse: S's pattern: {choices}.",
+                              choices=("unstructured", "rows", "nm"),
+                              doc="unstructured: any entries (a value and an index each); rows: whole input rows of "
+                              "the weight (a Gather of input channels and a small MatMul, cheap everywhere); nm: N:M.")
+    dictionary_share: float = opt(0.5, "dictionary: the share of each layer's storage spent on the dictionary D "
+                                  "(the rest holds the sparse codes C).")
     rank: int | None = opt(None, "Fixed rank for every layer.", section="Rank policy (per layer)")
     ratio: float | None = opt(None, f"Keep about this fraction of each weight's parameters (default {DEFAULT_RATIO}).")
     energy: float | None = opt(None, "Smallest rank keeping this fraction of spectral energy.")
@@ -222,6 +246,7 @@ class CompileConfig:
             pat, sep, _ = lm.rpartition("=")
             if not sep or not pat:
                 raise LrcError(f"--layer-method {lm!r}: expected REGEX=METHOD (e.g. 'attention.*=svd')")
+        self._check_forms()
         methods = {self.resolved_method} | {lm.rpartition("=")[2] for lm in self.layer_methods}
         for m in sorted(methods):
             needs = METHODS[m].needs
@@ -249,7 +274,8 @@ class CompileConfig:
             bad = [o for o in self.only if o not in BY_OP]
             if bad:
                 raise LrcError(f"--only: unsupported op type(s) {bad}; supported: {', '.join(sorted(BY_OP))}")
-        for pat in self.exclude + self.include + tuple(lm.rpartition("=")[0] for lm in self.layer_methods):
+        for pat in (self.exclude + self.include + tuple(lm.rpartition("=")[0] for lm in self.layer_methods)
+                    + tuple(lf.rpartition("=")[0] for lf in self.layer_forms)):
             try:
                 re.compile(pat)
             except re.error as e:
@@ -258,6 +284,29 @@ class CompileConfig:
             raise LrcError("--min-params must be >= 0")
         if self.tolerance is not None and self.tolerance < 0:
             raise LrcError("--tolerance must be >= 0")
+
+    def _check_forms(self) -> None:
+        names = _form_names()
+        for f in [self.form] + [lf.rpartition("=")[2] for lf in self.layer_forms]:
+            if f not in names:
+                raise LrcError(f"unknown form {f!r}; choose one of {', '.join(names)}")
+        for lf in self.layer_forms:
+            pat, sep, _ = lf.rpartition("=")
+            if not sep or not pat:
+                raise LrcError(f"--layer-form {lf!r}: expected REGEX=FORM (e.g. 'attention.*=nm')")
+        used = {self.form} | {lf.rpartition("=")[2] for lf in self.layer_forms}
+        if used - {"lowrank"} and (self.energy is not None or self.max_error is not None):
+            raise LrcError(f"--form {'/'.join(sorted(used - {'lowrank'}))} sizes layers by storage: give --ratio, "
+                           "--rank or a global budget (--params, --flops), not --energy or --max-error")
+        if "auto" in used and self.max_drop is not None:
+            raise LrcError("--form auto prices forms under --params or --flops; --max-drop searches low-rank "
+                           "budgets only")
+        n, sep, m = self.nm.partition(":")
+        if not (sep and n.strip().isdigit() and m.strip().isdigit() and 0 < int(n) < int(m)):
+            raise LrcError(f"--nm {self.nm!r}: expected N:M with 0 < N < M (e.g. --nm 2:4)")
+        for name in ("sparse_share", "dictionary_share"):
+            if not 0 < getattr(self, name) < 1:
+                raise LrcError(f"{flag_of(name)} {getattr(self, name)}: give a fraction in (0, 1) (e.g. 0.25)")
 
     def _check_budget(self) -> None:
         budgets = [n for n in ("params", "flops", "max_drop") if getattr(self, n) is not None]
@@ -340,6 +389,20 @@ class CompileConfig:
         if self.method is not None:
             return self.method
         return DEFAULT_WITH_DATA if self.calib else "svd"
+
+    def form_for(self, label: str) -> str:
+        """The form a node gets: the first matching ``--layer-form``, else ``--form``."""
+        for lf in self.layer_forms:
+            pat, _, f = lf.rpartition("=")
+            if re.search(pat, label):
+                return f
+        return self.form
+
+    @property
+    def nm_pattern(self) -> tuple[int, int]:
+        """``--nm`` as ``(N, M)``."""
+        n, _, m = self.nm.partition(":")
+        return int(n), int(m)
 
     def method_for(self, label: str) -> str:
         for lm in self.layer_methods:

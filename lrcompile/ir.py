@@ -228,7 +228,11 @@ class RewritePass(Protocol):
       ``[K, m]``): ``x`` mapped to ``m`` channels per group (geometry, transA, lookups kept);
     - ``last(ctx, cand, w, h, mats, bias, tag)``: an intermediate ``h`` (``m`` channels per group)
       mapped by ``mats`` (per group ``[m, N]``) to the node's output, with the op's own bias and
-      scaling, plus a correction ``bias`` (per group ``[N]``, or None).
+      scaling, plus a correction ``bias`` (per group ``[N]``, or None);
+    - ``whole(ctx, cand, w, mats, tag, bias=True)``: the op itself with new weights ``mats`` (per
+      group ``[K, N]``), its geometry, scaling and (``bias``) its own bias kept: a weight replaced
+      in place (a pruned weight), or a branch that another one is added to (``bias=False``);
+      ``sparse``: the weight is mostly zeros (``RewriteContext.sparse_const``).
 
     The class docstring states the op's rule and math, and doubles as the pass's help text."""
 
@@ -243,6 +247,9 @@ class RewritePass(Protocol):
 
     def last(self, ctx: "RewriteContext", cand: Candidate, w: Wiring, h: gs.Tensor, mats: list[np.ndarray],
              bias: list[np.ndarray | None] | None, tag: str) -> None: ...
+
+    def whole(self, ctx: "RewriteContext", cand: Candidate, w: Wiring, mats: list[np.ndarray], tag: str, *,
+              bias: bool = True, sparse: bool = False) -> None: ...
 
 
 @dataclass
@@ -261,6 +268,9 @@ class RewriteContext:
     shared: dict[tuple, gs.Constant] = field(default_factory=dict)
     #: weight key -> the Constants it stores, in creation order (what the rewrite wrote)
     stored: dict[str, list[gs.Constant]] = field(default_factory=dict)
+    #: names of the Constants whose values are mostly zeros: the export stores them as ONNX
+    #: sparse initializers where that is smaller (``engine.rewrite.export``)
+    sparse: set[str] = field(default_factory=set)
     _transposed: dict[tuple, gs.Variable] = field(default_factory=dict)
 
     def const(self, key: str, role: str, base: str, array: np.ndarray) -> gs.Tensor:
@@ -282,6 +292,14 @@ class RewriteContext:
         c = gs.Constant(self.namer(base, role), array)
         self.shared[k] = c
         self.stored.setdefault(key, []).append(c)
+        return c
+
+    def sparse_const(self, key: str, role: str, base: str, array: np.ndarray) -> gs.Tensor:
+        """``const(...)`` for values that are mostly zeros (a sparse part): the file may store them
+        as a sparse initializer (values and their indices)."""
+        c = self.const(key, role, base, array)
+        if isinstance(c, gs.Constant):
+            self.sparse.add(c.name)
         return c
 
     def const_either(self, key: str, role: str, base: str, array: np.ndarray) -> tuple[gs.Tensor, bool]:

@@ -173,7 +173,7 @@ def _factorize(run: _Run) -> None:
         raise LrcError(f"{run.src}: every candidate was declined ({_decline_summary(run.records)}); "
                        + ("pass --size-only to compress them anyway, or " if slow else "")
                        + "loosen the rank policy (e.g. --ratio 0.5) or --min-params")
-    run.new = export(run.analysis.graph, run.model)
+    run.new = export(run.analysis.graph, run.model, run.ctx.sparse)
     run.mark("rewrite")
 
 

@@ -36,7 +36,7 @@ from .engine import Evidence, Plan, build, sharers
 from .errors import LrcError
 from .factorize import LayerStats
 from .factorize.allocate import Allocation, LayerOptions, allocate, allocate_threshold, min_cost
-from .forms import DEFAULT, FORMS
+from .forms import DEFAULT, FORMS, LAYER_OPS
 from .ir import Candidate, node_label
 
 log = logging.getLogger(__name__)
@@ -107,10 +107,19 @@ class Layer:
         return dense, fact
 
 
-def layer_forms(cand: Candidate) -> list:
-    """The forms the planner prices for ``cand``'s weight: every registered form for its op that is
-    priced by default (a form that is not waits for an option that asks for it)."""
-    return [f for f in FORMS.values() if cand.pass_name in f.ops and f.priced_by_default]
+def layer_forms(cand: Candidate, config: CompileConfig) -> list:
+    """The forms the planner prices for ``cand``'s weight: the one ``--form`` / ``--layer-form``
+    gives it; under ``auto``, every registered layer form for its op. A form that refuses the
+    candidate (``refuses``: e.g. N:M on a reduction axis that M does not divide) is not priced."""
+    name = config.form_for(cand.label)
+    forms = [f for f in FORMS.values() if cand.pass_name in f.ops and set(f.ops) & set(LAYER_OPS)] \
+        if name == "auto" else [FORMS[name]] if cand.pass_name in FORMS[name].ops else []
+    return [f for f in forms if not (hasattr(f, "refuses") and f.refuses(cand, form_knobs(f, config)))]
+
+
+def form_knobs(form, config: CompileConfig) -> dict:
+    """The config values a form reads (its ``knobs``)."""
+    return {k: getattr(config, k) for k in getattr(form, "knobs", ())}
 
 
 def build_layers(cands: list[Candidate], config: CompileConfig, evidence: Evidence | None, *, progress: bool
@@ -124,9 +133,10 @@ def build_layers(cands: list[Candidate], config: CompileConfig, evidence: Eviden
                            leave=False):
         cand = group[0]
         method, st, note = evidence.for_layer(cand, config.method_for(cand.label), group)
-        for form in layer_forms(cand):
-            full = form.fit_full(cand, method, st, opts)
-            grid = form.sizes(cand, config.multiple)
+        for form in layer_forms(cand, config):
+            knobs = form_knobs(form, config)
+            full = form.fit_full(cand, method, st, {**opts, **knobs})
+            grid = form.sizes(cand, config.multiple, knobs) if knobs else form.sizes(cand, config.multiple)
             has_bias = full[0].bias is not None
             err2, spectra = form.curve(full, grid)
             layers.append(Layer(key=key, cands=group, method=method, stats=st, note=note, spectra=spectra,

@@ -107,6 +107,13 @@ def totals(layers: list[LayerRecord], output: str | Path | None = None, files: l
     else:
         out["counted_from"] = "records"
         out["params_after"] = sum(r.params_after or 0 for r in done if not r.shared_with)
+    forms = [r for r in done if (r.info or {}).get("form") and not r.shared_with]
+    if forms:  # sparse forms: what a runtime stores (values + index bytes as parameter-equivalents)
+        out["storage_params_after"] = sum(r.params_after or 0 for r in done if not r.shared_with)
+        out["index_bytes"] = sum(int(r.info.get("index_bytes", 0)) for r in forms)
+        out["stored_values"] = sum(int(r.info.get("stored_values", 0)) for r in forms)
+        out["ort_params_after"] = sum(int(r.info.get("ort_params", r.params_after or 0)) for r in done
+                                      if not r.shared_with)
     a = out["params_after"]
     out["params_ratio"] = (a / before) if before else None
     keys = ["candidates", "factorized", "pruned", "declined", "params_before", "params_after", "params_ratio"]
@@ -129,19 +136,24 @@ def stored_tensors(path: str | Path) -> tuple[dict[str, list[tuple[int, int]]], 
             return n, sum(len(x) for x in t.string_data)
         return n, n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
+    def sparse_size(t) -> tuple[int, int]:  # its nonzero values; bytes with their indices
+        n = int(np.prod(t.values.dims)) if len(t.values.dims) else 1
+        item = onnx.helper.tensor_dtype_to_np_dtype(t.values.data_type).itemsize
+        idx = int(np.prod(t.indices.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.indices.data_type).itemsize
+        return n, n * item + idx
+
     def walk(g) -> None:
         for t in g.initializer:
             stored.setdefault(t.name, []).append(size(t))
             files.update({e.value: None for e in t.external_data if e.key == "location"})
         for t in g.sparse_initializer:
-            n = int(np.prod(t.values.dims)) if len(t.values.dims) else 1
-            item = onnx.helper.tensor_dtype_to_np_dtype(t.values.data_type).itemsize
-            idx = int(np.prod(t.indices.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.indices.data_type).itemsize
-            stored.setdefault(t.values.name, []).append((n, n * item + idx))
+            stored.setdefault(t.values.name, []).append(sparse_size(t))
         for node in g.node:
             for a in node.attribute:
                 if node.op_type == "Constant" and a.name == "value" and node.output:
                     stored.setdefault(node.output[0], []).append(size(a.t))
+                if node.op_type == "Constant" and a.name == "sparse_value" and node.output:
+                    stored.setdefault(node.output[0], []).append(sparse_size(a.sparse_tensor))
                 if a.type == onnx.AttributeProto.GRAPH:
                     walk(a.g)
                 for sub in a.graphs:

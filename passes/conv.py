@@ -95,3 +95,15 @@ class ConvPass:
         attrs = {"group": g, "kernel_shape": [1] * len(kernel)}
         ctx.node("Conv", base, f"{tag}_out", [h, ctx.const(key, f"{tag}_C", base, second)] + ([b] if b is not None else []),
                  [w.out], attrs)
+
+    def whole(self, ctx: RewriteContext, cand: Candidate, w: Wiring, mats: list[np.ndarray], tag: str, *,
+              bias: bool = True, sparse: bool = False) -> None:
+        """The original conv (geometry, groups, and with ``bias`` its bias) with kernels ``mats``."""
+        wshape = cand.details["wshape"]
+        og = wshape[0] // cand.details["group"]
+        kernel = np.concatenate([a.T.reshape((og,) + tuple(wshape[1:])) for a in mats], axis=0)
+        base = cand.label
+        const = ctx.sparse_const if sparse else ctx.const
+        b = w.extra["bias"] if bias else None
+        ctx.node("Conv", base, f"{tag}_conv", [w.x, const(cand.weight_key, f"{tag}_W", base, kernel)]
+                 + ([b] if b is not None else []), [w.out], dict(w.extra["attrs"]))

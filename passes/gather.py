@@ -58,3 +58,11 @@ class GatherPass:
         ctx.node("MatMul", base, f"{tag}_out", [h, ctx.const(key, f"{tag}_C", base, m)], [final])
         if d is not None:
             ctx.node("Add", base, f"{tag}_bias", [final, ctx.const(key, f"{tag}_d", base, d.astype(m.dtype))], [w.out])
+
+    def whole(self, ctx: RewriteContext, cand: Candidate, w: Wiring, mats: list[np.ndarray], tag: str, *,
+              bias: bool = True, sparse: bool = False) -> None:
+        """A lookup in the table ``M``."""
+        (m,) = mats
+        const = ctx.sparse_const if sparse else ctx.const
+        ctx.node("Gather", cand.label, f"{tag}_gather", [const(cand.weight_key, f"{tag}_W", cand.label, m), w.x],
+                 [w.out], {"axis": 0})

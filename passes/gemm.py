@@ -79,3 +79,26 @@ class GemmPass:
         if d is not None:
             dc = ctx.const(key, f"{tag}_d", base, (det["alpha"] * d).astype(m.dtype))
             ctx.node("Add", base, f"{tag}_bias", [final, dc], [w.out])
+
+    def select_inputs(self, ctx: RewriteContext, cand: Candidate, w: Wiring, rows: np.ndarray, tag: str) -> Wiring:
+        """``w`` with ``A`` narrowed to the input channels ``rows`` (rows of ``B'``): its columns, or
+        its rows under ``transA``."""
+        xs = ctx.var(cand.label, f"{tag}_xsel", w.out.dtype)
+        ctx.node("Gather", cand.label, f"{tag}_sel", [w.x, ctx.const(cand.weight_key, f"{tag}_rows", cand.label, rows)],
+                 [xs], {"axis": 0 if cand.details["transA"] else 1})
+        return Wiring(x=xs, out=w.out, extra=w.extra)
+
+    def whole(self, ctx: RewriteContext, cand: Candidate, w: Wiring, mats: list[np.ndarray], tag: str, *,
+              bias: bool = True, sparse: bool = False) -> None:
+        """``Gemm(A, M, C)`` with the original alpha, beta, transA (C only with ``bias``)."""
+        (m,) = mats
+        base, key, det = cand.label, cand.weight_key, cand.details
+        c_in = w.extra["C"] if bias else None
+        if sparse:
+            b, tb = ctx.sparse_const(key, f"{tag}_W", base, m), False
+        else:
+            b, tb = ctx.const_either(key, f"{tag}_W", base, m)
+        attrs = {"alpha": det["alpha"], "transA": det["transA"]} | ({"transB": 1} if tb else {})
+        if c_in is not None:
+            attrs["beta"] = det["beta"]
+        ctx.node("Gemm", base, f"{tag}_gemm", [w.x, b] + ([c_in] if c_in is not None else []), [w.out], attrs)

@@ -82,3 +82,22 @@ class MatMulPass:
             d = None if d is None else d[:, None]
         if d is not None:
             ctx.node("Add", base, f"{tag}_bias", [final, ctx.const(key, f"{tag}_d", base, d.astype(m.dtype))], [w.out])
+
+    def select_inputs(self, ctx: RewriteContext, cand: Candidate, w: Wiring, rows: np.ndarray, tag: str) -> Wiring:
+        """``w`` with ``x`` narrowed to the input channels ``rows`` (rows of ``B``; weight on the right)."""
+        assert cand.details["side"] == "right", "input rows of a left weight are not selectable"
+        xs = ctx.var(cand.label, f"{tag}_xsel", w.out.dtype)
+        ctx.node("Gather", cand.label, f"{tag}_sel", [w.x, ctx.const(cand.weight_key, f"{tag}_rows", cand.label, rows)],
+                 [xs], {"axis": -1})
+        return Wiring(x=xs, out=w.out, extra=w.extra)
+
+    def whole(self, ctx: RewriteContext, cand: Candidate, w: Wiring, mats: list[np.ndarray], tag: str, *,
+              bias: bool = True, sparse: bool = False) -> None:
+        """``x @ M`` (a weight on the left: ``M^T @ x``) into the node's output."""
+        (m,) = mats
+        base, key = cand.label, cand.weight_key
+        const = ctx.sparse_const if sparse else ctx.const
+        if cand.details["side"] == "right":
+            ctx.node("MatMul", base, f"{tag}_mm", [w.x, const(key, f"{tag}_W", base, m)], [w.out])
+        else:
+            ctx.node("MatMul", base, f"{tag}_mm", [const(key, f"{tag}_Wt", base, m.T), w.x], [w.out])

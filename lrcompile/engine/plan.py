@@ -28,8 +28,39 @@ from .evidence import Evidence
 def factorize_layer(cand: Candidate, config: CompileConfig, policy: RankPolicy, method: str, stats: list,
                     form: str = DEFAULT):
     """Fit ``cand``'s weight in ``form`` under ``policy`` with ``method`` and its statistics."""
-    return form_for(cand.pass_name, form).fit(cand, policy, method, stats,
-                                              {"solver": config.solver, "seed": config.seed, **config.method_options})
+    f = form_for(cand.pass_name, form)
+    options = {"solver": config.solver, "seed": config.seed, **config.method_options}
+    options.update({k: getattr(config, k) for k in getattr(f, "knobs", ())})
+    return f.fit(cand, policy, method, stats, options)
+
+
+#: ``--form auto``: each weight takes the form with the least error at its size.
+AUTO = "auto"
+
+
+def best_form(cand: Candidate, config: CompileConfig, policy: RankPolicy, method: str, stats: list):
+    """``--form auto`` under a rank policy: fit ``cand`` in every form that serves it at the
+    policy's size and keep the one with the least objective error among those that save
+    something (the default form when none does). Returns ``(form, value)``."""
+    from ..forms import FORMS, LAYER_OPS
+
+    best = None
+    for f in FORMS.values():
+        if cand.pass_name not in f.ops or not set(f.ops) & set(LAYER_OPS):
+            continue
+        if hasattr(f, "refuses") and f.refuses(cand, {k: getattr(config, k) for k in f.knobs}):
+            continue
+        try:
+            value = factorize_layer(cand, config, policy, method, stats, f.name)
+        except ValueError:  # the size cannot host this form
+            continue
+        err = f.errors(cand, value)[1]
+        if not f.declines(value) and (best is None or err < best[0]):
+            best = (err, f, value)
+    if best is None:
+        f = form_for(cand.pass_name, DEFAULT)
+        return f, factorize_layer(cand, config, policy, method, stats, DEFAULT)
+    return best[1], best[2]
 
 
 @dataclass
@@ -134,7 +165,8 @@ class Plan:
             ranks: weight key -> size chosen by a planner (``lrcompile.planner``), 0 = keep dense;
                 None: each weight's size comes from the config's rank policy. Keys missing from a
                 given dict stay dense.
-            forms: weight key -> the form its size is in (missing: the default form).
+            forms: weight key -> the form its size is in (missing: the config's form for the node,
+                ``--form`` / ``--layer-form``).
             dense_reasons: weight key -> why the planner kept it dense (for the report).
             cache: ``(weight key, form, size) -> value``, shared by a planner's repeated plans.
         """
@@ -143,7 +175,17 @@ class Plan:
         dense_reasons = dense_reasons or {}
         groups = by_weight(cands)
         for cand in tqdm(cands, desc="factorize", unit="layer", disable=None if progress else True, leave=False):
-            form = form_for(cand.pass_name, (forms or {}).get(cand.weight_key, DEFAULT))
+            name = (forms or {}).get(cand.weight_key) or config.form_for(cand.label)
+            auto = name == AUTO
+            try:
+                form = form_for(cand.pass_name, DEFAULT if auto else name)
+            except KeyError as e:
+                self._dense.setdefault(cand.weight_key, e.args[0])
+                form = form_for(cand.pass_name, DEFAULT)
+            refuses = getattr(form, "refuses", None)
+            why = refuses(cand, {k: getattr(config, k) for k in form.knobs}) if refuses else None
+            if why:
+                self._dense.setdefault(cand.weight_key, why)
             rec = LayerRecord(node=cand.label, op=cand.node.op, shape=list(cand.matrices[0].shape),
                               decision="factorized", weight=cand.weight_key, groups=len(cand.matrices),
                               params_before=cand.params, break_even=round(form.break_even(cand), 2),
@@ -177,8 +219,19 @@ class Plan:
                 ck = (key, form.name, pol.rank) if cache is not None and pol.rank is not None else None
                 if ck is not None and ck in cache:
                     value = cache[ck]
+                elif auto:
+                    form, value = best_form(cand, config, pol, method, st)
                 else:
-                    value = factorize_layer(cand, config, pol, method, st, form.name)
+                    try:
+                        value = factorize_layer(cand, config, pol, method, st, form.name)
+                    except ValueError as e:
+                        if form.name == DEFAULT:
+                            raise
+                        why = f"{form.name}: {e}"  # e.g. a budget too small for the form's parts
+                        self._dense[key] = why
+                        rec.decision, rec.reason = "declined", why
+                        self.records.append(rec)
+                        continue
                     if ck is not None:
                         cache[ck] = value
                 rec.seconds = round(time.perf_counter() - t0, 4)
@@ -197,6 +250,8 @@ class Plan:
             elif key not in self._values:
                 self._values[key] = value
                 self._forms[key] = form.name
+                if form.name != DEFAULT:
+                    rec.info = {**(rec.info or {}), "form": form.name}
                 self._owner[key] = cand.label
                 self._transposed[key] = cand.transposed
             self.records.append(rec)
@@ -212,4 +267,4 @@ def plan(cands: list[Candidate], config: CompileConfig, evidence: Evidence | Non
     return Plan().decide(cands, config, evidence, **kw)
 
 
-__all__ = ["Plan", "factorize_layer", "plan"]
+__all__ = ["AUTO", "Plan", "best_form", "factorize_layer", "plan"]

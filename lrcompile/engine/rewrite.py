@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -69,11 +70,16 @@ def apply(ctx: RewriteContext, cands: list[Candidate], plan: Plan) -> Applied:
 MIN_IR_VERSION = 4
 
 
-def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+def export(graph: gs.Graph, original: onnx.ModelProto, sparse: set[str] | frozenset[str] = frozenset()
+           ) -> onnx.ModelProto:
     """Export the rewritten graph, keeping every model-level field of the original exactly, except
     an IR version below ``MIN_IR_VERSION``, which is raised to it (graphsurgeon does not list
-    initializers as graph inputs, as IR versions 1 to 3 require)."""
+    initializers as graph inputs, as IR versions 1 to 3 require). The initializers named in
+    ``sparse`` (``RewriteContext.sparse``) are stored as sparse initializers where that is
+    smaller (:func:`sparse_initializers`)."""
     model = gs.export_onnx(graph, do_type_check=False)
+    if sparse:
+        sparse_initializers(model.graph, sparse)
     del model.opset_import[:]
     model.opset_import.extend(original.opset_import)
     for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
@@ -86,6 +92,44 @@ def export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     return store_once(model)
 
 
+#: Bytes of one index of an ONNX sparse initializer (its indices are int64).
+SPARSE_INDEX_BYTES = 8
+
+
+def sparse_initializers(graph: onnx.GraphProto, names: set[str] | frozenset[str]) -> list[str]:
+    """Store each initializer of ``graph`` named in ``names`` as a ``Constant`` node with a sparse
+    value (its nonzero values and their int64 linear indices, row-major) where that takes fewer
+    bytes than dense. The node outputs the dense tensor (ops read dense inputs; a graph's
+    ``sparse_initializer`` would be a sparse-typed input no MatMul takes); ONNX Runtime densifies it
+    when it loads the model: this saves file bytes, not memory at run time. Returns the names
+    converted."""
+    from onnx import numpy_helper
+
+    done, keep, consts = [], [], []
+    for t in graph.initializer:
+        if t.name not in names or t.data_location == onnx.TensorProto.EXTERNAL:
+            keep.append(t)
+            continue
+        a = numpy_helper.to_array(t)
+        flat = a.ravel()
+        idx = np.flatnonzero(flat)
+        if idx.size * (a.itemsize + SPARSE_INDEX_BYTES) >= a.nbytes:
+            keep.append(t)
+            continue
+        values = numpy_helper.from_array(np.ascontiguousarray(flat[idx]), t.name)
+        indices = numpy_helper.from_array(idx.astype(np.int64), t.name + "_indices")
+        consts.append(onnx.helper.make_node("Constant", [], [t.name], name=t.name + "_sparse",
+                                            sparse_value=onnx.helper.make_sparse_tensor(values, indices, list(a.shape))))
+        done.append(t.name)
+    if done:
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        nodes = consts + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return done
+
+
 def build(model: onnx.ModelProto, config: CompileConfig, ranks: dict[str, int], *,
           forms: dict[str, str] | None = None, evidence: Evidence | None = None, skip: frozenset[str] = frozenset(),
           dense_reasons: dict[str, str] | None = None, cache: dict | None = None,
@@ -96,8 +140,9 @@ def build(model: onnx.ModelProto, config: CompileConfig, ranks: dict[str, int], 
     analysis = analyze(model, config, skip=skip)
     p = Plan().decide(analysis.candidates, config, evidence, ranks=ranks, forms=forms, dense_reasons=dense_reasons,
                       cache=cache)
-    apply(context(analysis.graph), analysis.candidates, p)
-    return export(analysis.graph, base if base is not None else model), p
+    ctx = context(analysis.graph)
+    apply(ctx, analysis.candidates, p)
+    return export(analysis.graph, base if base is not None else model, ctx.sparse), p
 
 
 def check_model(path: Path, original_path: Path) -> list[str]:
@@ -125,4 +170,4 @@ def check_model(path: Path, original_path: Path) -> list[str]:
     return notes
 
 
-__all__ = ["MIN_IR_VERSION", "Applied", "RewriteError", "apply", "build", "check_model", "context", "export"]
+__all__ = ["MIN_IR_VERSION", "SPARSE_INDEX_BYTES", "sparse_initializers", "Applied", "RewriteError", "apply", "build", "check_model", "context", "export"]

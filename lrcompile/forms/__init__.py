@@ -3,7 +3,10 @@
 A form is a value that knows one shape of replacement and nothing else knows it: what it stores
 (each tensor, its dtype, index overhead: storage bytes and a parameter-equivalent), its FLOPs at
 given shapes, the sizes the planner may choose from, the method's error at each size, and how it
-emits nodes for each op it applies to (through the op's primitives, ``ir.RewritePass``). The
+emits nodes for each op it applies to (through the op's primitives, ``ir.RewritePass``).
+Sparse and sparse + dense forms (``nm``, ``lowrank+sparse``, ``dense-nm``, ``dictionary``) are in
+``forms.sparse``; a form that reads options of its own names them in ``knobs`` and may refuse a
+candidate (``refuses``: the reason it stays dense). The
 engine and the planner ask forms; the numpy math stays in ``lrcompile.factorize``.
 
 The explicit registry: a new form is its math (``factorize/``), its module here, one line in
@@ -19,11 +22,20 @@ from __future__ import annotations
 from .base import LayerForm, Storage, Stored
 from .channels import ChannelsForm
 from .lowrank import LowRankForm
+from .sparse import DenseNMForm, DictionaryForm, LowRankSparseForm, NMForm
 
 
 #: name -> form (the registry); the default form of every candidate is ``lowrank``.
-FORMS = {f.name: f for f in (LowRankForm(), ChannelsForm())}
+FORMS = {f.name: f for f in (LowRankForm(), NMForm(), LowRankSparseForm(), DenseNMForm(), DictionaryForm(),
+                             ChannelsForm())}
 DEFAULT = "lowrank"
+#: the passes of single weights (a layer form applies to some of them; a pair form to MLP pairs)
+LAYER_OPS = ("matmul", "gemm", "conv", "gather")
+
+
+def layer_form_names() -> tuple[str, ...]:
+    """The forms a user may give a weight (``--form``), registration order."""
+    return tuple(n for n, f in FORMS.items() if set(f.ops) & set(LAYER_OPS))
 
 
 def form_for(pass_name: str, name: str = DEFAULT):
@@ -34,4 +46,4 @@ def form_for(pass_name: str, name: str = DEFAULT):
     return form
 
 
-__all__ = ["DEFAULT", "FORMS", "LayerForm", "Storage", "Stored", "form_for"]
+__all__ = ["DEFAULT", "FORMS", "LAYER_OPS", "layer_form_names", "LayerForm", "Storage", "Stored", "form_for"]
