@@ -85,6 +85,9 @@ PATTERNS = ("unstructured", "rows", "nm")
 #: relative decrease of the scaled OATS error under which the alternation stops early.
 OATS_TOL = 1e-9
 
+#: extra right vectors tracked by the OATS low-rank step (``_lowrank_tracked``).
+OATS_OVERSAMPLE = 16
+
 #: rounds of (low-rank step, sparse step) of each refit chain (see the module docstring).
 DEFAULT_REFIT_ITERS = 3
 
@@ -342,8 +345,11 @@ def _sparse_support(r: np.ndarray, pattern: str, nonzeros: int, n: int, m: int, 
         return mask
     count = min(nonzeros, r.size)
     if count > 0:
-        flat = np.argsort(-np.abs(r).ravel(), kind="stable")[:count]
-        mask.ravel()[flat] = True
+        flat = np.abs(r).ravel()
+        if count < flat.size:  # argpartition: deterministic for a given input, O(K N)
+            mask.ravel()[np.argpartition(-flat, count - 1)[:count]] = True
+        else:
+            mask[:] = True
     return mask
 
 
@@ -362,6 +368,27 @@ def _values_in_metric(resid: np.ndarray, mask: np.ndarray, h: np.ndarray, patter
         if rows.size:
             s[rows, j] = sla.solve(h[np.ix_(rows, rows)], hr[rows, j], assume_a="pos")
     return s
+
+
+def _lowrank_tracked(m: np.ndarray, rank: int, basis: np.ndarray | None, seed: int):
+    """Rank-``rank`` SVD of ``m`` for the OATS loop, tracking its right subspace.
+
+    The first call runs ``svd.truncated_svd`` for ``l = rank + OATS_OVERSAMPLE`` triplets (capped
+    at ``min(K, N)``). Later calls, where ``m`` has moved little since the last one, take one block
+    power step from the previous ``l`` right vectors ``basis``: ``Q = qr(m basis^T)``, then the
+    exact SVD of the small ``Q^T m`` (Rayleigh-Ritz). That is a projection of ``m`` on an
+    ``l``-dimensional subspace, so its error is never below the exact truncation's; at
+    ``l = min(K, N)`` it is exact. Returns ``(U_r, s_r, Vt_r, basis)``.
+    """
+    k, n = m.shape
+    ell = min(rank + OATS_OVERSAMPLE, k, n)
+    if basis is None:
+        u, s, vt = truncated_svd(m, ell, seed=seed)
+    else:
+        q, _ = np.linalg.qr(m @ basis.T)
+        uz, s, vt = np.linalg.svd(q.T @ m, full_matrices=False)
+        u = q @ uz
+    return u[:, :rank], s[:rank], vt[:rank], vt
 
 
 def lowrank_sparse(
@@ -433,18 +460,23 @@ def lowrank_sparse(
     s_scaled = np.zeros_like(bs)
     prev = np.inf
     history_scaled = []
+    basis = None
+    best_oats = None
     for it in range(1, iters + 1):
-        u, sv, vt = truncated_svd(bs - s_scaled, rank, seed=seed)
+        u, sv, vt, basis = _lowrank_tracked(bs - s_scaled, rank, basis, seed)
         low = (u * sv) @ vt
         resid = bs - low
         s_scaled = np.where(_sparse_support(resid, pattern, nonzeros, n, m, perm), resid, 0.0)
         err = float(np.linalg.norm(resid - s_scaled))
         history_scaled.append(err)
-        if np.isfinite(prev) and prev - err <= OATS_TOL * prev:
+        if best_oats is None or err < best_oats[0]:
+            best_oats = (err, u * sv, vt, s_scaled)
+        if np.isfinite(prev) and err >= prev * (1 - OATS_TOL):
             break
         prev = err
     oats_iters = it
-    candidates = [("oats", (u * sv) / d[:, None], vt, s_scaled / d[:, None])]
+    _, usv, vt, s_scaled = best_oats
+    candidates = [("oats", usv / d[:, None], vt, s_scaled / d[:, None])]
 
     if h is not None and refit_iters > 0:
         root_t, root_t_solve, _ = sqrt_factor(h)
