@@ -485,8 +485,21 @@ def _keep_better(bw, dw, old, new):
 
 
 def _d_step(bw: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """``D' = B' C^+``: the least-squares dense factor for fixed ``C`` (minimum norm)."""
-    return sla.lstsq(c.T, bw.T, lapack_driver="gelsy")[0].T
+    """``D' = B' C^+``: the least-squares dense factor for fixed ``C``.
+
+    Normal equations ``(C C^T) D'^T = C B'^T`` on the rows of ``C`` that are used (Cholesky;
+    several times faster than a QR/SVD least-squares solve here); unused rows get zero atoms
+    (re-seeded by the caller). Falls back to the minimum-norm solve when ``C C^T`` is singular.
+    """
+    live = np.flatnonzero(np.any(c != 0, axis=1))
+    dw = np.zeros((bw.shape[0], c.shape[0]))
+    cl = c[live]
+    try:
+        low = sla.cholesky(cl @ cl.T, lower=True)
+        dw[:, live] = sla.cho_solve((low, True), cl @ bw.T).T
+    except (np.linalg.LinAlgError, sla.LinAlgError):
+        dw[:, live] = sla.lstsq(cl.T, bw.T)[0].T
+    return dw
 
 
 def _reseed_unused(dw, bw, c, rng, *, unit: bool):
