@@ -28,6 +28,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from lrcompile.errors import LrcError
 
 log = logging.getLogger(__name__)
@@ -302,14 +304,51 @@ def build_engine(
     if not engine_path.parent.is_dir():
         raise LrcError(f"cannot write engine {engine_path}: directory {engine_path.parent} does not exist")
 
-    if not options.fp16:
+    sparse = has_sparse_constants(onnx_path)
+    if not options.fp16 and not sparse:
         return _build(trt, onnx_path, engine_path, options, default_shapes)
     from lrcompile.targets.fp16 import convert_fp16_file
 
-    # next to the engine, not in /tmp: the fp16 copy is as large as the model's weights
+    # next to the engine, not in /tmp: the copies are as large as the model's weights
     with tempfile.TemporaryDirectory(dir=engine_path.parent, prefix=f".{engine_path.name}.") as tmp:
-        fp16_path = convert_fp16_file(onnx_path, Path(tmp) / onnx_path.name)
-        return _build(trt, fp16_path, engine_path, options, default_shapes)
+        path = onnx_path
+        if sparse:  # TensorRT's parser takes no sparse Constant: give it the dense values
+            path = densify_file(path, Path(tmp) / "dense" / onnx_path.name)
+        if options.fp16:
+            path = convert_fp16_file(path, Path(tmp) / onnx_path.name)
+        return _build(trt, path, engine_path, options, default_shapes)
+
+
+def has_sparse_constants(path: Path) -> bool:
+    """Whether the model stores a tensor as a Constant with a sparse value (``forms.sparse``)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return any(n.op_type == "Constant" and any(a.name == "sparse_value" for a in n.attribute) for n in m.graph.node)
+
+
+def densify_file(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` whose sparse Constants are dense initializers (same names, same values)."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(src))
+    keep = []
+    for n in m.graph.node:
+        sv = next((a.sparse_tensor for a in n.attribute if a.name == "sparse_value"), None)
+        if n.op_type != "Constant" or sv is None:
+            keep.append(n)
+            continue
+        values, idx = numpy_helper.to_array(sv.values), numpy_helper.to_array(sv.indices)
+        dense = np.zeros(int(np.prod(sv.dims)), values.dtype)
+        dense[idx.reshape(-1) if idx.ndim == 1 else np.ravel_multi_index(idx.T, tuple(sv.dims))] = values
+        m.graph.initializer.append(numpy_helper.from_array(dense.reshape(tuple(sv.dims)), n.output[0]))
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    large = m.ByteSize() > 1 << 30
+    onnx.save(m, str(dst), save_as_external_data=large, location=dst.name + ".data" if large else None)
+    return dst
 
 
 def _build(

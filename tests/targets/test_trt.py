@@ -268,6 +268,19 @@ class TestEngines:
             assert cache.stat().st_size > 0
             build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", opts)  # reads the cache back
 
+    @pytest.mark.parametrize("form", ["nm", "lowrank+sparse", "dense-nm", "dictionary"])
+    def test_sparse_forms_build(self, tmp_path, form):
+        """Every sparse form's output builds (sparse Constants are handed to the parser dense, next
+        to the engine, and the folder is left clean)."""
+        import lrcompile
+
+        src = matmul_chain(tmp_path / "m.onnx")
+        out = tmp_path / "o.onnx"
+        lrcompile.compile(src, out, form=form, ratio=0.5, min_params=0, multiple=1, verify=False)
+        report = build_engine(out, tmp_path / "o.engine", TrtOptions(sparse_weights=True))
+        _check_engine(report, tmp_path / "o.engine")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "o.engine", "o.onnx"]
+
     @pytest.mark.parametrize("content", [b"not an onnx model", None], ids=["garbage", "unsupported-op"])
     def test_broken_onnx(self, tmp_path, content):
         onnx_path = tmp_path / "bad.onnx"
