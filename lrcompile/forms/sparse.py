@@ -12,7 +12,8 @@ Each replaces one candidate's weight ``B [K, N]`` (per group) by a fit from
   ``S``, added. ``S`` unstructured (stored as a sparse initializer in the file: values and int64
   indices; every runtime densifies it, so it costs a dense GEMM at run time: no kernel runs
   unstructured sparse GEMMs here, the plugin issue takes that), whole input rows (``rows``: a
-  Gather of those input channels and a small MatMul, cheap everywhere) or N:M.
+  Gather of those input channels and a small MatMul, cheap everywhere; on an embedding table the
+  hot rows, kept exact where the lookup counts weigh them: a lookup in ``S``) or N:M.
 - ``dense-nm``: ``D S`` with ``S`` N:M along the inner axis: the low-rank chain's emission, its
   second weight N:M (TensorRT's sparse kernels can run the second op).
 - ``dictionary``: ``D C`` with ``C`` holding ``s`` nonzeros per column (s atoms per output):
@@ -335,9 +336,9 @@ class LowRankSparseForm(_SparseBase):
             why = NMForm().refuses(cand, options)
             if why:
                 return why.replace("nm:", "lowrank+sparse with an N:M part:")
-        if pattern == "rows" and not (cand.pass_name == "gemm" or
+        if pattern == "rows" and not (cand.pass_name in ("gemm", "gather") or
                                       (cand.pass_name == "matmul" and cand.details.get("side") == "right")):
-            return "lowrank+sparse with rows applies to MatMul (weight on the right) and Gemm"
+            return "lowrank+sparse with rows applies to MatMul (weight on the right), Gemm and Gather"
         if pattern == "nm" and cand.pass_name == "gather":
             return "lowrank+sparse with an N:M part does not apply to lookups"
         return None
@@ -375,14 +376,14 @@ class LowRankSparseForm(_SparseBase):
         h = op.first(ctx, cand, wl, [f.a for f in fits], "ls")
         op.last(ctx, cand, wl, h, [f.c for f in fits], None, "ls")
         pattern = fits[0].pattern
-        if pattern == "rows":
+        if pattern == "rows" and cand.pass_name != "gather":
             (f,) = fits
             rows = np.flatnonzero(np.any(f.s != 0, axis=1)).astype(np.int64)
             ws = op.select_inputs(ctx, cand, Wiring(x=w.x, out=part, extra=w.extra), rows, "ls")
             op.whole(ctx, cand, ws, [np.ascontiguousarray(f.s[rows])], "ls_rows", bias=False)
         else:
             op.whole(ctx, cand, Wiring(x=w.x, out=part, extra=w.extra), [f.s for f in fits], "ls_S", bias=False,
-                     sparse=pattern == "unstructured")
+                     sparse=pattern != "nm")  # a table's rows: a lookup in S, written sparse
         ctx.node("Add", base, "ls_add", [low, part], [w.out])
 
 

@@ -56,7 +56,7 @@ CASES = {
 FORM_CASES = {
     ("nm", ()): ["matmul-right", "matmul-left", "gemm", "gemm-transA", "conv"],
     ("lowrank+sparse", ()): sorted(CASES),
-    ("lowrank+sparse", (("sparse_pattern", "rows"),)): ["matmul-right", "gemm", "gemm-transA"],
+    ("lowrank+sparse", (("sparse_pattern", "rows"),)): ["matmul-right", "gemm", "gemm-transA", "gather"],
     ("lowrank+sparse", (("sparse_pattern", "nm"), ("ratio", 0.9))): ["matmul-right", "gemm", "conv"],
     ("dense-nm", ()): sorted(set(CASES) - {"conv"}),
     ("dense-nm", (("ratio", 0.9),)): ["conv"],  # [36 x 6] per group: half leaves an inner width under 4
@@ -212,8 +212,11 @@ def test_refusals_are_stated(tmp_path):
     src = save(CASES["gather"][0](), tmp_path / "g.onnx")
     _, _, p = _rewrite(src, _config("nm"))
     assert "does not apply to gather" in p.records[0].reason
+    _, _, p = _rewrite(src, _config("lowrank+sparse", (("sparse_pattern", "nm"),)))
+    assert "N:M part does not apply to lookups" in p.records[0].reason
+    src = save(CASES["matmul-left"][0](), tmp_path / "l.onnx")
     _, _, p = _rewrite(src, _config("lowrank+sparse", (("sparse_pattern", "rows"),)))
-    assert "rows applies to MatMul" in p.records[0].reason
+    assert "rows applies to MatMul (weight on the right)" in p.records[0].reason
 
 
 def test_auto_keeps_the_least_error_form(tmp_path):
