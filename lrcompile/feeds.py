@@ -68,14 +68,36 @@ def input_spec(vi: onnx.ValueInfoProto, dims: dict | None = None) -> tuple[tuple
     return tuple(shape), dtype
 
 
+def _inferred_static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """The fully static shapes ONNX shape inference finds for the main graph's tensors (none when
+    it fails, e.g. on a model past protobuf's 2 GB)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - inference is a help here, never a requirement
+        return {}
+    out = {}
+    for vi in inferred.graph.value_info:
+        t = vi.type.tensor_type
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            out[vi.name] = tuple(d.dim_value for d in t.shape.dim)
+    return out
+
+
 def _index_bounds(model: onnx.ModelProto) -> dict[str, int]:
-    """For each graph input that feeds a Gather's indices, the size of the gathered axis."""
+    """For each graph input that feeds a Gather's indices, the size of the gathered axis.
+
+    The table's shape is its initializer's or Constant's; a table computed from constants (an
+    Identity, as torch's TorchScript exporter writes for a shared table, a Cast from float16, a
+    Transpose) gets it from shape inference, so that verification looks up every row of it, not
+    only rows 0 and 1."""
     shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant":
             for a in n.attribute:
                 if a.name == "value":
                     shapes[n.output[0]] = tuple(a.t.dims)
+    if any(n.op_type == "Gather" and n.input and n.input[0] not in shapes for n in model.graph.node):
+        shapes = {**_inferred_static_shapes(model), **shapes}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
         for i in n.input:
