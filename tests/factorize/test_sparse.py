@@ -214,8 +214,9 @@ def test_lowrank_sparse_never_worse_than_whitened_lowrank(pattern, nonzeros, dam
     pure = factorize_whiten(b, RankPolicy(rank=r), LayerStats(count=400, gram=g), damping=damping)
     fit = lowrank_sparse(b, r, nonzeros, g, pattern=pattern, damping=damping)
     assert fit.objective_error < pure.objective_error
-    # and the refit in the metric beats the diagonal-scaled OATS alone
-    assert fit.objective_error <= fit.info["oats_objective"]
+    # the refit in the full metric clearly beats the diagonal-scaled OATS alone (correlated inputs)
+    assert fit.objective_error < 0.95 * fit.info["oats_objective"]
+    assert fit.info["source"].startswith("refit")
     assert fit.objective_error == min(fit.info["objective_history"])
 
 
