@@ -302,8 +302,7 @@ def _cospadi(bw, atoms, sparsity, nm, iters, rng):
         mask = scorer.support(bw, dw)
         c = _refit_dense(dw, bw, mask)
     else:
-        idx = _omp_support(bw, dw, sparsity)
-        c, mask = _refit_idx(dw, bw, idx)
+        c, mask = _scatter(*_omp(bw, dw, sparsity), atoms)
     history, best, obj, it = [], None, None, 0
     obj = _sq(bw - dw @ c)
     history.append(obj)
@@ -318,7 +317,7 @@ def _cospadi(bw, atoms, sparsity, nm, iters, rng):
             new_mask = scorer.support(bw, dw)
             cand = _refit_dense(dw, bw, new_mask)
         else:
-            cand, new_mask = _refit_idx(dw, bw, _omp_support(bw, dw, sparsity))
+            cand, new_mask = _scatter(*_omp(bw, dw, sparsity), atoms)
         old = _refit_dense(dw, bw, mask)
         c, mask, _ = _keep_better(bw, dw, (old, mask), (cand, new_mask))
         prev, obj = obj, _sq(bw - dw @ c)
@@ -394,6 +393,12 @@ def _refit_idx(dw: np.ndarray, bw: np.ndarray, idx: np.ndarray) -> tuple[np.ndar
         hs = h[ii[:, :, None], ii[:, None, :]] + reg
         rs = np.take_along_axis(r[:, lo : lo + step].T, ii, axis=1)
         vals[lo : lo + step] = _solve_pd(hs, rs)
+    return _scatter(idx, vals, k)
+
+
+def _scatter(idx: np.ndarray, vals: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``C [k, N]`` and its support mask from per-column atoms ``idx`` and values (``[N, t]``)."""
+    cols = idx.shape[0]
     c = np.zeros((k, cols))
     mask = np.zeros((k, cols), bool)
     col = np.arange(cols)[:, None]
@@ -423,8 +428,9 @@ def _solve_pd(h: np.ndarray, r: np.ndarray) -> np.ndarray:
     return x
 
 
-def _omp_support(bw: np.ndarray, dw: np.ndarray, s: int) -> np.ndarray:
-    """Batched orthogonal matching pursuit: ``s`` atom indices per column, ``[N, s]``.
+def _omp(bw: np.ndarray, dw: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """Batched orthogonal matching pursuit: ``s`` atoms per column and their least-squares
+    coefficients, both ``[N, s]``.
 
     All columns advance together. Residual correlations come from the Gram,
     ``D'^T (b - D'_T c_T) = r - H[:, T] c_T``, with ``c`` held as a sparse matrix; the inverse
@@ -465,7 +471,7 @@ def _omp_support(bw: np.ndarray, dw: np.ndarray, s: int) -> np.ndarray:
                 shape=(cols, k),
             )
             corr = r - np.asarray(sparse @ h)
-    return idx
+    return idx, coef
 
 
 def _keep_better(bw, dw, old, new):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lrcompile.factorize.sparsedense import _omp_support, dense_nm, dictionary
+from lrcompile.factorize.sparsedense import _omp, dense_nm, dictionary
 from lrcompile.factorize.types import SparseFit
 
 
@@ -268,7 +268,7 @@ def test_batched_omp_matches_a_plain_omp():
     d = rng.standard_normal((k, atoms))
     d /= np.linalg.norm(d, axis=0)
     b = rng.standard_normal((k, n))
-    got = _omp_support(b, d, s)
+    got, got_coef = _omp(b, d, s)
     for j in range(n):
         chosen, res = [], b[:, j].copy()
         for _ in range(s):
@@ -278,6 +278,7 @@ def test_batched_omp_matches_a_plain_omp():
             coef = np.linalg.lstsq(d[:, chosen], b[:, j], rcond=None)[0]
             res = b[:, j] - d[:, chosen] @ coef
         assert list(got[j]) == chosen
+        np.testing.assert_allclose(got_coef[j], np.linalg.lstsq(d[:, chosen], b[:, j], rcond=None)[0], atol=1e-10)
 
 
 # --- both --------------------------------------------------------------------------------------
