@@ -475,7 +475,7 @@ def run_bench(ds: Dataset, configs: list[BenchConfig], out: str | Path, *, commo
         base = _score(ds, y0, None)
         facts0 = _model_facts(ds.model, shapes1)
         orig = {"config": "original", "method": "original", "status": "ok", "factorized": 0,
-                "factorized_params_ratio": 1.0, "weight_params_ratio": 1.0, "params_ratio": 1.0, "flops_ratio": 1.0,
+                "factorized_params_ratio": 1.0, "factorized_storage_ratio": 1.0, "weight_params_ratio": 1.0, "params_ratio": 1.0, "flops_ratio": 1.0,
                 "file_ratio": 1.0,
                 **facts0, **base}
         if trt:
@@ -501,7 +501,10 @@ def run_bench(ds: Dataset, configs: list[BenchConfig], out: str | Path, *, commo
                 tot = res.report["totals"]
                 row.update(status="ok", factorized=tot["factorized"], declined=tot["declined"],
                            factorized_params_before=tot["params_before"], factorized_params_after=tot["params_after"],
-                           factorized_params_ratio=tot["params_ratio"])
+                           factorized_params_ratio=tot["params_ratio"],
+                           # the forms' own storage with indices (sparse forms; else the file's count)
+                           factorized_storage_ratio=(tot.get("storage_params_after", tot["params_after"])
+                                                     / tot["params_before"]) if tot["params_before"] else None)
                 dist = res.report.get("distillation")
                 if dist:  # the held-out loss the training saw, and which epoch it kept
                     row.update(distill_loss_before=dist["held_out_loss_before"],
@@ -645,7 +648,7 @@ def results_table(results: dict, tablefmt: str = "simple") -> str:
         metric_keys = [results["primary"]] + metric_keys
     lat = results["settings"]["latency"]
     tags = [f"b{b}" for b in lat["batches"]] if lat else []
-    head = ["config", "fact. params", "weights", "params", "FLOPs", "file MB", *metric_keys, "rel L2",
+    head = ["config", "fact. params", "storage", "weights", "params", "FLOPs", "file MB", *metric_keys, "rel L2",
             *[f"lat {t} (comp/orig)" for t in tags], "TRT MB"]
     body = []
     for r in results["rows"]:
@@ -656,6 +659,7 @@ def results_table(results: dict, tablefmt: str = "simple") -> str:
         body.append([
             r["config"],
             f"{fr:.2f}" if fr is not None else "-",
+            _num(r.get("factorized_storage_ratio", fr), ".2f"),
             _num(r.get("weight_params_ratio"), ".3f"),
             f"{_si(r['params'])} ({r['params_ratio']:.2f})",
             f"{_si(r['flops'])} ({r['flops_ratio']:.2f})" if r.get("flops_ratio") is not None else "-",
