@@ -445,8 +445,8 @@ def lowrank_sparse(
     block: int = 128,
     seed: int = 0,
 ) -> SparseFit:
-    """``B ~= A C + S``: OATS-scaled alternation, then (with a Gram) an exact refit in the input
-    metric; the best candidate is kept (module docstring).
+    """``B ~= A C + S``: OATS-scaled alternation, then (with a Gram) a refit in the input metric;
+    the candidate with the lowest undamped objective is kept (module docstring).
 
     Args:
         b: the weight ``[K, N]``, used as ``X @ B``.
@@ -517,7 +517,22 @@ def lowrank_sparse(
         prev = err
     oats_iters = it
     _, usv, vt, s_scaled = best_oats
-    candidates = [("oats", usv / d[:, None], vt, s_scaled / d[:, None])]
+
+    # every candidate is scored at once on the cast arrays; only the best is kept
+    best = None
+    history = []
+
+    def consider(name, a, c, s):
+        nonlocal best
+        a_t, c_t, s_t = a.astype(dtype), c.astype(dtype), s.astype(dtype)
+        approx = a_t.astype(np.float64) @ c_t.astype(np.float64) + s_t.astype(np.float64)
+        obj = objective(b64, approx, g)
+        history.append(obj)
+        if best is None or obj < best[0]:
+            best = (obj, name, a_t, c_t, s_t, approx)
+
+    s_oats = s_scaled / d[:, None]
+    consider("oats", usv / d[:, None], vt, s_oats)
 
     if h is not None and refit_iters > 0:
         root_t, root_t_solve, _ = sqrt_factor(h)
@@ -546,25 +561,15 @@ def lowrank_sparse(
 
         # chain 1 from the OATS result, chain 2 from the pure whitened low rank (S = 0)
         a0, c0 = lowrank_step(b64)
-        for name, s_cur in (("refit-oats", candidates[0][3]), ("refit-lowrank", None)):
+        for name, s_cur in (("refit-oats", s_oats), ("refit-lowrank", None)):
             for _ in range(refit_iters):
                 if s_cur is None:
                     a, c = a0, c0
                 else:
                     a, c = lowrank_step(b64 - s_cur)
                 s_cur = sparse_step(b64 - a @ c)
-                candidates.append((name, a, c, s_cur))
+                consider(name, a, c, s_cur)
 
-    # keep the candidate with the lowest undamped objective, measured on the cast arrays
-    best = None
-    history = []
-    for name, a, c, s in candidates:
-        a_t, c_t, s_t = a.astype(dtype), c.astype(dtype), s.astype(dtype)
-        approx = a_t.astype(np.float64) @ c_t.astype(np.float64) + s_t.astype(np.float64)
-        obj = objective(b64, approx, g)
-        history.append(obj)
-        if best is None or obj < best[0]:
-            best = (obj, name, a_t, c_t, s_t, approx)
     obj, name, a_t, c_t, s_t, approx = best
     info = {
         "rank": rank,
