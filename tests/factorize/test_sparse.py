@@ -220,6 +220,24 @@ def test_lowrank_sparse_never_worse_than_whitened_lowrank(pattern, nonzeros, dam
     assert fit.objective_error == min(fit.info["objective_history"])
 
 
+@pytest.mark.parametrize("pattern,nonzeros", [("unstructured", 120), ("rows", 4 * 24)])
+def test_refit_values_are_least_squares_on_their_support(pattern, nonzeros):
+    """After the refit's sparse step, S is optimal on its support for the returned A C in the
+    damped metric H: the gradient H (B - A C - S) vanishes there (and only there, in general)."""
+    rng = np.random.default_rng(13)
+    k, n = 40, 24
+    b = rng.standard_normal((k, n))
+    g = corr_gram(rng, k)
+    fit = lowrank_sparse(b, 6, nonzeros, g, pattern=pattern, damping=1e-2)
+    assert fit.info["source"].startswith("refit")
+    h = g + 1e-2 * np.trace(g) / k * np.eye(k)
+    grad = h @ (b - fit.a @ fit.c - fit.s)
+    support = fit.s != 0
+    scale = np.abs(h @ b).max()
+    assert np.abs(grad[support]).max() < 1e-9 * scale
+    assert np.abs(grad[~support]).max() > 1e-3 * scale
+
+
 def test_lowrank_sparse_without_gram_never_worse_than_svd():
     rng = np.random.default_rng(10)
     b = rng.standard_normal((40, 24))
