@@ -193,6 +193,18 @@ class _SparseBase:
     def _fit(self, cand, m, policy, gram, options) -> SparseFit:
         raise NotImplementedError
 
+    def random(self, cand: Candidate, size: int, *, seed: int = 0, options: dict | None = None) -> list[SparseFit]:
+        """Seeded random values with the structure the form has at ``size`` (its parts' shapes,
+        patterns and nonzero counts), one per group: for timing, where values do not matter."""
+        options = {"nm": "2:4", "sparse_share": 0.25, "sparse_pattern": "unstructured", "dictionary_share": 0.5,
+                   **(options or {})}
+        rng = np.random.default_rng(seed)
+        policy = RankPolicy(rank=max(1, int(size)), multiple=1)
+        return [_with(self._random(cand, m, policy, options, rng), info={"size": int(size)}) for m in cand.matrices]
+
+    def _random(self, cand, m, policy, options, rng) -> SparseFit:
+        raise NotImplementedError
+
     def method(self, fits: list[SparseFit]) -> str:
         return fits[0].method.split(":")[0]
 
@@ -271,6 +283,12 @@ class NMForm(_SparseBase):
         order = conv_order(cand, m)[0]
         return nm_prune(b, n, m, gram, order=order, **_damping(options))
 
+    def _random(self, cand, b, policy, options, rng) -> SparseFit:
+        n, m = _nm(options)
+        s = _random_nm(b.shape, n, m, conv_order(cand, m)[0], rng).astype(b.dtype)
+        return SparseFit(kind="nm", method="timing", rel_error=float("nan"), objective_error=float("nan"), s=s,
+                         pattern=f"nm:{n}:{m}")
+
     def size(self, fits: list[SparseFit]) -> int:
         """The rank-equivalent of its storage (its pattern sets it)."""
         k, n = fits[0].shape
@@ -308,6 +326,28 @@ class LowRankSparseForm(_SparseBase):
     def _fit(self, cand, b, policy, gram, options) -> SparseFit:
         from ..factorize.sparse import lowrank_sparse
 
+        rank, nnz, pattern, nn, mm = self._layout(cand, b, policy, options)
+        order = conv_order(cand, mm)[0] if pattern == "nm" else None
+        return lowrank_sparse(b, rank, nnz, gram, pattern=pattern, n=nn, m=mm, order=order,
+                              seed=int(options.get("seed", 0)), **_damping(options))
+
+    def _random(self, cand, b, policy, options, rng) -> SparseFit:
+        rank, nnz, pattern, nn, mm = self._layout(cand, b, policy, options)
+        k, n = b.shape
+        s = np.zeros((k, n))
+        if pattern == "nm":
+            s = _random_nm((k, n), nn, mm, conv_order(cand, mm)[0], rng)
+        elif pattern == "rows":
+            s[np.sort(rng.choice(k, nnz // n, replace=False))] = rng.standard_normal((nnz // n, n))
+        else:
+            s.flat[np.sort(rng.choice(k * n, nnz, replace=False))] = rng.standard_normal(nnz)
+        return SparseFit(kind="lowrank+sparse", method="timing", rel_error=float("nan"), objective_error=float("nan"),
+                         a=(rng.standard_normal((k, rank)) / math.sqrt(k)).astype(b.dtype),
+                         c=(rng.standard_normal((rank, n)) / math.sqrt(rank)).astype(b.dtype),
+                         s=s.astype(b.dtype), pattern=pattern if pattern != "nm" else f"nm:{nn}:{mm}")
+
+    def _layout(self, cand, b, policy, options) -> tuple[int, int, str, int, int]:
+        """``(rank, nonzeros of S, pattern, N, M)`` that spend the layer's budget."""
         k, n = b.shape
         p = budget(cand, policy, b)
         share, pattern = float(options["sparse_share"]), options["sparse_pattern"]
@@ -326,9 +366,7 @@ class LowRankSparseForm(_SparseBase):
         rank = max(0, min(int((p - spent) // (k + n)), min(k, n)))
         if rank < 1:
             raise ValueError(f"the budget ({p:.0f} parameters) leaves no rank beside S ({spent:.0f})")
-        order = conv_order(cand, mm)[0] if pattern == "nm" else None
-        return lowrank_sparse(b, rank, nnz, gram, pattern=pattern, n=nn, m=mm, order=order,
-                              seed=int(options.get("seed", 0)), **_damping(options))
+        return rank, nnz, pattern, nn, mm
 
     def refuses(self, cand: Candidate, options: dict) -> str | None:
         pattern = options["sparse_pattern"]
@@ -397,13 +435,25 @@ class DenseNMForm(_SparseBase):
     def _fit(self, cand, b, policy, gram, options) -> SparseFit:
         from ..factorize.sparsedense import dense_nm
 
+        inner, nn, mm = self._layout(cand, b, policy, options)
+        return dense_nm(b, inner, gram, n=nn, m=mm, seed=int(options.get("seed", 0)), **_damping(options))
+
+    def _layout(self, cand, b, policy, options) -> tuple[int, int, int]:
+        """``(inner width, N, M)`` that spend the layer's budget."""
         k, n = b.shape
         nn, mm = _nm(options)
         per_inner = k + n * nn / mm * (1 + _bits(mm) / (8 * b.dtype.itemsize))
         inner = int(budget(cand, policy, b) // per_inner) // mm * mm
         if inner < mm:
             raise ValueError(f"the budget leaves an inner width under M={mm}")
-        return dense_nm(b, inner, gram, n=nn, m=mm, seed=int(options.get("seed", 0)), **_damping(options))
+        return inner, nn, mm
+
+    def _random(self, cand, b, policy, options, rng) -> SparseFit:
+        inner, nn, mm = self._layout(cand, b, policy, options)
+        k, n = b.shape
+        return SparseFit(kind="dense-nm", method="timing", rel_error=float("nan"), objective_error=float("nan"),
+                         a=(rng.standard_normal((k, inner)) / math.sqrt(k)).astype(b.dtype),
+                         c=_random_nm((inner, n), nn, mm, None, rng).astype(b.dtype), c_pattern=f"nm:{nn}:{mm}")
 
     def size(self, fits: list[SparseFit]) -> int:
         return int(fits[0].info["size"])
@@ -430,6 +480,11 @@ class DictionaryForm(_SparseBase):
     def _fit(self, cand, b, policy, gram, options) -> SparseFit:
         from ..factorize.sparsedense import dictionary
 
+        atoms, s = self._layout(cand, b, policy, options)
+        return dictionary(b, atoms, s, gram, seed=int(options.get("seed", 0)), **_damping(options))
+
+    def _layout(self, cand, b, policy, options) -> tuple[int, int]:
+        """``(atoms, codes per column)`` that spend the layer's budget."""
         k, n = b.shape
         p = budget(cand, policy, b)
         atoms = min(k, int(float(options["dictionary_share"]) * p // k))
@@ -437,7 +492,17 @@ class DictionaryForm(_SparseBase):
         s = min(atoms, int((p - atoms * k) // (n * (1 + idx / b.dtype.itemsize))))
         if atoms < 1 or s < 1:
             raise ValueError(f"the budget ({p:.0f} parameters) leaves {atoms} atoms and {s} codes per column")
-        return dictionary(b, atoms, s, gram, seed=int(options.get("seed", 0)), **_damping(options))
+        return atoms, s
+
+    def _random(self, cand, b, policy, options, rng) -> SparseFit:
+        atoms, s = self._layout(cand, b, policy, options)
+        k, n = b.shape
+        c = np.zeros((atoms, n))
+        for j in range(n):
+            c[rng.choice(atoms, s, replace=False), j] = rng.standard_normal(s)
+        return SparseFit(kind="dictionary", method="timing", rel_error=float("nan"), objective_error=float("nan"),
+                         a=(rng.standard_normal((k, atoms)) / math.sqrt(k)).astype(b.dtype), c=c.astype(b.dtype),
+                         c_pattern=f"cols:{s}")
 
     def size(self, fits: list[SparseFit]) -> int:
         return int(fits[0].info["size"])
@@ -465,6 +530,18 @@ def _chain(ctx: RewriteContext, cand: Candidate, fits: list[SparseFit], tag: str
     op.last(ctx, cand, w, h, [f.c for f in fits], None, tag)
     if sparse:  # the codes: the last Constant this weight stored
         ctx.sparse.add(ctx.stored[cand.weight_key][-1].name)
+
+
+def _random_nm(shape: tuple[int, int], n: int, m: int, order, rng) -> np.ndarray:
+    """Random values keeping ``n`` of every ``m`` along axis 0 (in ``order``)."""
+    k, cols = shape
+    keep = np.argsort(rng.random((k // m, m, cols)), axis=1) < n
+    out = np.where(keep, rng.standard_normal((k // m, m, cols)), 0.0).reshape(k, cols)
+    if order is not None:
+        placed = np.empty_like(out)
+        placed[np.asarray(order)] = out
+        out = placed
+    return out
 
 
 def _nm(options: dict) -> tuple[int, int]:
