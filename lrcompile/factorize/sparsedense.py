@@ -22,11 +22,15 @@ of the second GEMM, what TensorRT's 2:4 sparse kernels need). Alternating least 
 * C-step: for fixed ``D'``, the columns separate: ``min ||b'_j - D' c_j||`` over N:M ``c_j``.
   On a fixed support ``T`` it is least squares, ``c_T = (H_TT)^-1 r_T`` with ``H = D'^T D'``,
   ``r = D'^T b'_j`` (batched over columns). The support is re-chosen from the unrestricted
-  solution ``c = H^-1 r`` by the OBS saliency ``c_i^2 / [H^-1]_ii`` (the exact increase of the
-  error when coordinate ``i`` alone is dropped and the others refitted), keeping the ``n``
-  largest of every ``m`` consecutive coordinates. Plain magnitude ``|c_i|`` ignores how
-  correlated and how long the atoms are; the two agree when ``D'`` has orthonormal columns.
-  ``rule="magnitude"`` uses ``|c_i| ||d'_i||`` (the size of the atom's contribution).
+  solution ``c = H^-1 r`` (a tiny ridge when ``k > K``), keeping in every ``m`` consecutive
+  coordinates the ``n`` with the largest contribution ``|c_i| ||d'_i||`` (plain ``|c_i|`` would
+  depend on the arbitrary scale of each atom), then refitting on that support.
+  ``rule="obs"`` ranks by the OBS saliency ``c_i^2 / [H^-1]_ii`` instead: the exact increase of
+  the error when coordinate ``i`` alone is dropped and the others refitted, which accounts for
+  correlated atoms (the two agree when ``D'`` has orthogonal columns). Measured on MiniLM
+  (a 384x384 and a 384x1536 weight, with and without a Gram, 30 iterations) the two end within
+  0.001 of each other with ``magnitude`` marginally ahead in all four cases, so it is the
+  default: dropping 2 of 4 at once is not the single-removal problem OBS answers.
   A column keeps its previous coefficients when the new support does not lower its error, so
   the objective never increases (with a fixed support as well, where the refit is exact).
 * Init: whitened truncated SVD ``B' = U S V^T``, ``D' = U_k S_k^(1/2)``; the components are
@@ -99,7 +103,7 @@ def dense_nm(
     damping: float = DEFAULT_DAMPING,
     seed: int = 0,
     update_support: bool = True,
-    rule: str = "obs",
+    rule: str = "magnitude",
 ) -> SparseFit:
     """Dense x N:M sparse factorization ``B ~= D S`` (DSFormer-style, post-training ALS).
 
@@ -118,7 +122,8 @@ def dense_nm(
         seed: seed of the random initial atoms (beyond the rank of ``L^T B``).
         update_support: re-choose each column's support in every S-step (False: keep the
             support of the initial S-step and only refit values).
-        rule: support rule, ``"obs"`` (saliency ``c_i^2 / [H^-1]_ii``) or ``"magnitude"``.
+        rule: support rule, ``"magnitude"`` (``|c_i| ||d'_i||``) or ``"obs"`` (saliency
+            ``c_i^2 / [H^-1]_ii``), both from the unrestricted least-squares ``c``.
 
     Returns:
         ``SparseFit`` of kind ``"dense-nm"``: ``a = D [K, k]``, ``c = S [k, N]`` with exact zeros
@@ -298,7 +303,7 @@ def _cospadi(bw, atoms, sparsity, nm, iters, rng):
     dw = _svd_init(bw, atoms, rng, interleave=None if nm is None else atoms // nm[1])
     dw = dw / np.linalg.norm(dw, axis=0)
     if nm is not None:
-        scorer = _Scorer(nm[0], nm[1], "obs")
+        scorer = _Scorer(nm[0], nm[1], "magnitude")
         mask = scorer.support(bw, dw)
         c = _refit_dense(dw, bw, mask)
     else:

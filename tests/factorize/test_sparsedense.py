@@ -119,11 +119,12 @@ def test_dense_nm_objective_is_the_undamped_whitened_error():
     assert plain.objective_error == plain.rel_error
 
 
-@pytest.mark.parametrize("update_support", [False, True])
-def test_dense_nm_als_objective_never_increases(update_support):
+@pytest.mark.parametrize("update_support,rule", [(False, "magnitude"), (True, "magnitude"), (True, "obs")])
+def test_dense_nm_als_objective_never_increases(update_support, rule):
     b = weight(24, 40, seed=6)
     x = inputs(24)
-    fit = dense_nm(b, 16, x.T @ x, iters=15, update_support=update_support)
+    fit = dense_nm(b, 16, x.T @ x, iters=15, update_support=update_support, rule=rule)
+    assert_nm(fit.c, 2, 4)
     h = np.array(fit.info["history"])
     assert len(h) > 3
     assert np.all(np.diff(h) <= 1e-12 * h[:-1]), h
