@@ -172,25 +172,37 @@ def _check_weight(b) -> tuple[np.ndarray, np.dtype]:
 
 
 def _check_gram(gram, k: int) -> np.ndarray | None:
+    """The Gram as float64: ``[K, K]``, or ``[K]`` for a diagonal one (given as a vector, or a
+    matrix whose off-diagonal entries are all zero: lookups, per-channel scales)."""
     if gram is None:
         return None
     g = np.asarray(gram, np.float64)
-    if g.shape != (k, k):
-        raise ValueError(f"gram is {g.shape}, weight needs ({k}, {k})")
+    if g.shape not in ((k, k), (k,)):
+        raise ValueError(f"gram is {g.shape}, weight needs ({k}, {k}) or its diagonal ({k},)")
     if not np.all(np.isfinite(g)):
         raise ValueError("the gram has non-finite entries")
+    if g.ndim == 2 and np.count_nonzero(g) == np.count_nonzero(np.diagonal(g)):
+        g = np.diagonal(g).copy()
+    if g.ndim == 1 and np.any(g < 0):
+        raise ValueError("a diagonal gram must be >= 0")
     return g
 
 
 def _damped(g: np.ndarray, damping: float) -> np.ndarray:
-    """``G + damping tr(G)/K I``; inputs that never fire (``G_ii = 0``) get ``H_ii = 1`` so the
-    damped Gram stays invertible (their weights do not reach the objective)."""
+    """``G + damping tr(G)/K I`` (a vector for a diagonal ``G``); inputs that never fire
+    (``G_ii = 0``) get ``H_ii = 1`` so the damped Gram stays invertible (their weights do not
+    reach the objective)."""
     if damping < 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
     k = g.shape[0]
-    scale = float(np.trace(g)) / k
+    diag = g if g.ndim == 1 else np.diagonal(g)
+    scale = float(np.sum(diag)) / k
     if not scale > 0:
         raise ValueError("the calibration Gram is zero: the layer saw no (non-zero) inputs")
+    if g.ndim == 1:
+        h = g + damping * scale
+        h[h <= 0] = 1.0
+        return h
     h = g + damping * scale * np.eye(k)
     dead = np.diag(h) <= 0
     if np.any(dead):
@@ -199,13 +211,17 @@ def _damped(g: np.ndarray, damping: float) -> np.ndarray:
 
 
 def objective(b64: np.ndarray, approx: np.ndarray, gram: np.ndarray | None) -> float:
-    """``||L^T (B - B')||_F / ||L^T B||_F`` for ``G = L L^T`` (``tr(E^T G E)``), or the plain
-    relative Frobenius error without a Gram."""
+    """``||L^T (B - B')||_F / ||L^T B||_F`` for ``G = L L^T`` (``tr(E^T G E)``; ``gram`` may be
+    the vector of a diagonal ``G``), or the plain relative Frobenius error without a Gram."""
     e = b64 - approx
     if gram is None:
         return rel_norm(e, b64)
-    den = float(np.sum((gram @ b64) * b64))
-    num = float(np.sum((gram @ e) * e))
+    if gram.ndim == 1:
+        den = float(np.sum(gram[:, None] * b64 * b64))
+        num = float(np.sum(gram[:, None] * e * e))
+    else:
+        den = float(np.sum((gram @ b64) * b64))
+        num = float(np.sum((gram @ e) * e))
     return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
 
 
@@ -311,8 +327,10 @@ def nm_prune(
         b: the weight ``[K, N]``, used as ``X @ B``.
         n: weights kept in each group.
         m: group size (consecutive rows of ``B``, along ``order``).
-        gram: ``G = X^T X [K, K]`` of the layer's inputs (None: ``H = I``, so ``obs`` equals
-            ``magnitude``).
+        gram: ``G = X^T X [K, K]`` of the layer's inputs, or the vector ``[K]`` of a diagonal
+            one (a diagonal matrix is detected too; then OBS reduces to keeping the largest
+            ``G_ii w^2``, exactly, in ``O(K N)``). None: ``H = I``, so ``obs`` equals
+            ``magnitude``.
         order: a permutation of ``range(K)`` whose consecutive runs of ``m`` form the groups
             (None: natural order).
         damping: ``lambda`` in ``G + lambda tr(G)/K I`` for the OBS steps.
@@ -338,13 +356,18 @@ def nm_prune(
     if method == "magnitude":
         pruned = np.where(nm_magnitude_mask(b64, n, m, perm), b64, 0.0)
     else:
-        if g is None:
-            u = np.eye(k)
-        else:
+        if g is not None and g.ndim == 1:
+            # diagonal H: U = diag(H)^-1/2, no OBS update; the score w^2 H_ii is exact
             h = _damped(g, damping)
-            u = _inverse_cholesky_upper(h[np.ix_(perm, perm)])
-        pruned = np.empty_like(b64)
-        pruned[perm] = _obs_sweep(b64[perm], u, block, nm=(n, m))
+            pruned = np.where(nm_magnitude_mask(b64 * np.sqrt(h)[:, None], n, m, perm), b64, 0.0)
+        else:
+            if g is None:
+                u = np.eye(k)
+            else:
+                h = _damped(g, damping)
+                u = _inverse_cholesky_upper(h[np.ix_(perm, perm)])
+            pruned = np.empty_like(b64)
+            pruned[perm] = _obs_sweep(b64[perm], u, block, nm=(n, m))
     s = pruned.astype(dtype)
     s64 = s.astype(np.float64)
     return SparseFit(
@@ -453,7 +476,10 @@ def lowrank_sparse(
         rank: rank of ``A C`` (1 .. min(K, N)).
         nonzeros: the budget of ``S``: entries for ``"unstructured"``; ``rows * N`` for
             ``"rows"`` (``nonzeros // N`` whole rows); ignored for ``"nm"``.
-        gram: ``G = X^T X [K, K]`` (None: plain Frobenius objective, ``D = I``, no refit).
+        gram: ``G = X^T X [K, K]``, or the vector ``[K]`` of a diagonal one (a diagonal
+            matrix is detected too: OATS with ``D^2 = H`` is then exact for the metric and no
+            refit runs; nothing ``[K, K]`` is formed, so lookups of 30k rows are cheap). None:
+            plain Frobenius objective, ``D = I``, no refit.
         pattern: ``"unstructured"``, ``"rows"`` or ``"nm"``.
         n: kept per group for ``"nm"``.
         m: group size for ``"nm"``.
@@ -493,7 +519,10 @@ def lowrank_sparse(
     g = _check_gram(gram, k)
     h = _damped(g, damping) if g is not None else None
     block = max(m, (int(block) // m) * m) if pattern == "nm" else max(1, int(block))
-    d = np.sqrt(np.diag(h)) if h is not None else np.ones(k)
+    if h is None:
+        d = np.ones(k)
+    else:
+        d = np.sqrt(h if h.ndim == 1 else np.diagonal(h))
     nonzeros = int(nonzeros)
 
     # OATS on B_s = D B
@@ -534,7 +563,9 @@ def lowrank_sparse(
     s_oats = s_scaled / d[:, None]
     consider("oats", usv / d[:, None], vt, s_oats)
 
-    if h is not None and refit_iters > 0:
+    # a diagonal metric is D^2 itself: OATS is then the exact alternation and needs no refit
+    refit = h is not None and h.ndim == 2 and refit_iters > 0
+    if refit:
         root_t, root_t_solve, _ = sqrt_factor(h)
         policy = RankPolicy(rank=rank)
 
@@ -579,7 +610,8 @@ def lowrank_sparse(
         "oats_scaled_errors": history_scaled,
         "objective_history": history,
         "source": name,
-        "refit_iters": refit_iters if h is not None else 0,
+        "refit_iters": refit_iters if refit else 0,
+        "metric": "none" if g is None else ("diagonal" if g.ndim == 1 else "gram"),
         "damping": float(damping) if g is not None else 0.0,
     }
     if pattern == "rows":

@@ -283,3 +283,34 @@ def test_lowrank_sparse_rejects_bad_arguments():
         lowrank_sparse(np.ones((6, 6)), 2, 0, pattern="nm")
     with pytest.raises(ValueError, match="nonzeros"):
         lowrank_sparse(b, 2, -1)
+
+
+# ----------------------------------------------------------------------------- diagonal metrics
+
+
+def test_diagonal_gram_as_vector_or_matrix_is_exact_and_cheap():
+    """Lookups and per-channel scales give a diagonal G: N:M keeps the largest G_ii w^2 (exact:
+    no refit can help, the rows do not interact), and the vector and matrix forms agree."""
+    rng = np.random.default_rng(14)
+    k, n = 32, 12
+    b = rng.standard_normal((k, n))
+    diag = rng.uniform(0.0, 5.0, k)
+    diag[3] = 0.0  # a row never looked up
+    vec = nm_prune(b, 2, 4, diag)
+    mat = nm_prune(b, 2, 4, np.diag(diag))
+    assert np.array_equal(vec.s, mat.s) and vec.objective_error == pytest.approx(mat.objective_error, rel=1e-12)
+    h = diag + 1e-2 * diag.mean()
+    score = (h[:, None] * b * b).reshape(k // 4, 4, n)
+    keep = np.argsort(-score, axis=1, kind="stable")[:, :2]
+    expect = np.zeros_like(b).reshape(k // 4, 4, n)
+    np.put_along_axis(expect, keep, np.take_along_axis(b.reshape(k // 4, 4, n), keep, axis=1), axis=1)
+    assert np.array_equal(vec.s, expect.reshape(k, n))
+    num = np.sum(diag[:, None] * (b - vec.s) ** 2)
+    assert vec.objective_error == pytest.approx(np.sqrt(num / np.sum(diag[:, None] * b * b)), rel=1e-12)
+
+    lv = lowrank_sparse(b, 3, 60, diag)
+    lm = lowrank_sparse(b, 3, 60, np.diag(diag))
+    assert lv.info["metric"] == lm.info["metric"] == "diagonal" and lv.info["refit_iters"] == 0
+    assert np.array_equal(lv.s, lm.s) and np.array_equal(lv.a, lm.a)
+    pure = factorize_whiten(b, RankPolicy(rank=3), LayerStats(count=1, gram=np.diag(diag)))
+    assert lv.objective_error < pure.objective_error
