@@ -16,7 +16,8 @@ Rows: magnitude 2:4, obs 2:4, whitened low rank at the 2:4 storage and at 50%, a
 ``lowrank_sparse`` at 50% with 10/20/30% of the budget in S (unstructured and rows; plus
 ``refit_iters=0``, OATS alone, for comparison). Each call is timed (one run; the machine is shared,
 so times are indicative; run with ``OPENBLAS_NUM_THREADS=1`` on a busy 2-core machine: threaded
-BLAS slowed the small SVDs and QRs of ``lowrank_sparse`` down 10x there). Writes JSON to ``--out`` (default ``benchmarks/results/sparse_math.json``).
+BLAS slowed the small SVDs and QRs of ``lowrank_sparse`` down 10x there). Writes JSON to
+``--out`` (default ``benchmarks/results/sparse_math.json``).
 """
 from __future__ import annotations
 
