@@ -67,7 +67,6 @@ values plus one index per nonzero (int16 while ``k < 32768``).
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable
 
 import numpy as np
@@ -134,7 +133,6 @@ def dense_nm(
         ValueError: a bad shape, ``inner`` not a multiple of ``m``, ``n`` not in ``[1, m]``,
             a Gram of the wrong shape or all zero, negative damping, an unknown rule.
     """
-    t0 = time.perf_counter()
     b64, dtype = _weight(b)
     k_in, n_out = b64.shape
     _check_nm(n, m)
@@ -188,7 +186,6 @@ def dense_nm(
         "damped_objective": _rel(obj, total),
         "history": [_rel(v, total) for v in history],
         "nonzeros": int(np.count_nonzero(s)),
-        "seconds": time.perf_counter() - t0,
     }
     return _result("dense-nm", "dense-nm", b64, g, a, s, dtype, f"nm:{n}:{m}", info)
 
@@ -229,7 +226,6 @@ def dictionary(
         ValueError: bad shapes or sizes (``atoms > K`` with ``orthogonal``, ``sparsity`` not in
             ``[1, atoms]``, both or neither of ``sparsity`` and ``nm``), a bad Gram or damping.
     """
-    t0 = time.perf_counter()
     b64, dtype = _weight(b)
     k_in, n_out = b64.shape
     if atoms < 1:
@@ -269,7 +265,6 @@ def dictionary(
         "damped_objective": _rel(obj, total),
         "history": [_rel(v, total) for v in history],
         "nonzeros": int(np.count_nonzero(c)),
-        "seconds": time.perf_counter() - t0,
     }
     method = "compot" if orthogonal else "cospadi"
     return _result("dictionary", method, b64, g, a, c, dtype, pattern, info)

@@ -302,3 +302,10 @@ def test_deterministic_and_dtype_preserved(call, dtype):
     assert one.a.dtype == dtype and one.c.dtype == dtype
     assert one.a.tobytes() == two.a.tobytes() and one.c.tobytes() == two.c.tobytes()
     assert one.objective_error == two.objective_error
+
+
+def test_zero_weight_gives_zero_factors():
+    z = np.zeros((16, 20), np.float32)
+    for fit in (dense_nm(z, 8, iters=3), dictionary(z, 8, 2, iters=3), dictionary(z, 24, 2, iters=3, orthogonal=False)):
+        assert not np.any(fit.dense())
+        assert fit.rel_error == 0.0 and fit.objective_error == 0.0
