@@ -218,21 +218,32 @@ def _metadata_sizes(model: onnx.ModelProto) -> list[tuple[int, ...]]:
     return out
 
 
+#: At most this many non-batch dynamic dims are each tried as a batch dim too (see ``_trials``).
+MAX_BATCH_GUESSES = 4
+
+
 def _trials(free: dict[str, int], hints: list[tuple[int, ...]]) -> list[dict[str, int]]:
     """Assignments of the free dims to try after the defaults: metadata sizes first, then
-    ``TRY_SIZES``; each with the batch-like dims at 2, then 1. Duplicates dropped."""
+    ``TRY_SIZES``; each with the batch-like dims at 2, then 1. Duplicates dropped.
+
+    Then the same sizes with one non-batch dim at a time set to the batch value: a dim that is not
+    an input's first axis can still be the batch (a recurrent state ``[layers, batch, hidden]``, as
+    silero-vad's ``state [2, ?, 128]`` beside ``input [?, ?]``), and giving it a spatial size makes
+    every trial fail on mismatched batches."""
     rest = [k for k, ax in free.items() if ax != 0]
     batches = TRY_BATCHES if any(ax == 0 for ax in free.values()) else TRY_BATCHES[:1]
     sizes: list[tuple[int, ...]] = []
     for h in hints:  # one value per dim in order when they match in number, else each on all
         sizes += [h] if len(h) == len(rest) and len(h) > 1 else [(v,) * len(rest) for v in h]
     sizes += [(DEFAULT_DIMS[1],) * len(rest)] + [(v,) * len(rest) for v in TRY_SIZES]
+    guesses = [None] + (rest if 1 < len(rest) <= MAX_BATCH_GUESSES else [])
     out: list[dict[str, int]] = []
-    for size in sizes:
-        for b in batches:
-            a = {k: (b if ax == 0 else size[rest.index(k)]) for k, ax in free.items()}
-            if a not in out:
-                out.append(a)
+    for as_batch in guesses:
+        for size in sizes:
+            for b in batches:
+                a = {k: (b if ax == 0 or k == as_batch else size[rest.index(k)]) for k, ax in free.items()}
+                if a not in out:
+                    out.append(a)
     return out
 
 
@@ -289,7 +300,8 @@ def no_fit_message(model: onnx.ModelProto, first: dict[str, np.ndarray], error: 
         sizes = sorted({v for h in _metadata_sizes(model) for v in h} | {DEFAULT_DIMS[1], *TRY_SIZES})
         varied = ([f"{', '.join(rest)} at {', '.join(map(str, sizes))}"] if rest else []) \
             + ([f"{', '.join(batch)} at {', '.join(map(str, TRY_BATCHES))}"] if batch else [])
-        where = (f"on every input shape tried ({tried}: {_shapes(first)}, then {' with '.join(varied)}"
+        guessed = "; each of those also at the batch size" if 1 < len(rest) <= MAX_BATCH_GUESSES else ""
+        where = (f"on every input shape tried ({tried}: {_shapes(first)}, then {' with '.join(varied)}{guessed}"
                  + (f"; given: {given}" if given else "") + ")")
     names = sorted({d.dim_param or f"{vi.name}:{ax}" for vi in graph_inputs(model)
                     for ax, d in enumerate(vi.type.tensor_type.shape.dim) if not d.dim_value})

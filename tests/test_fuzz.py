@@ -180,3 +180,31 @@ def test_verification_looks_up_every_row_of_a_table_computed_from_constants(rout
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [400, 4])], [numpy_helper.from_array(stored, "E0")])
     ids = random_feeds(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))["ids"]
     assert ids.min() >= 0 and ids.max() == 49 and len(np.unique(ids)) > 40
+
+
+def test_a_recurrent_state_whose_batch_is_not_its_first_axis_gets_shapes_that_fit(tmp_path):
+    """Found by the corpus: silero-vad (its wheel) reads ``input [?, ?]`` and ``state [2, ?, 128]``,
+    whose second axis is the batch, and needs more than 16 samples (a reflect Pad). Every trial gave
+    ``state``'s axis the spatial size, so no shape fitted and the compile stopped."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lrcompile.feeds import fit_feeds, original_runner
+
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["p"], mode="reflect"),  # time > 20 only
+             helper.make_node("Transpose", ["state"], ["st"], perm=[1, 0, 2]),
+             helper.make_node("ReduceSum", ["st", "axes"], ["r"], keepdims=0),  # [batch]
+             helper.make_node("Unsqueeze", ["r", "one"], ["u"]),  # [batch, 1]: ties the two batches
+             helper.make_node("Concat", ["p", "u"], ["y"], axis=1)]
+    inits = [numpy_helper.from_array(np.array([0, 20, 0, 20], np.int64), "pads"),
+             numpy_helper.from_array(np.array([1, 2], np.int64), "axes"),
+             numpy_helper.from_array(np.array([1], np.int64), "one")]
+    g = helper.make_graph(nodes, "vad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None]),
+                                         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, None, 128])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    src = tmp_path / "vad.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), str(src))
+    assert original_runner(src) is not None  # ONNX Runtime loads it (else nothing would be checked)
+    fitted = fit_feeds(onnx.load(str(src)), original_runner(src))
+    x, state = fitted.feeds["x"].shape, fitted.feeds["state"].shape
+    assert x[0] == state[1] and x[1] > 20, (x, state)
+    assert fitted.note and "shapes tried" in fitted.note
