@@ -54,7 +54,7 @@ from . import __version__
 from .engine import Plan, analyze, apply, context, export
 from .sessions import capture, session
 from .factorize import Factorization
-from .forms import form_for
+from .forms import DEFAULT, FORMS, form_for
 from .ir import Candidate, ConstantResolver, node_label
 
 log = logging.getLogger(__name__)
@@ -252,13 +252,17 @@ def default_cache_path() -> Path:
 
 
 def timing_key(model_sha: str, fingerprint: dict | str, node: str, batch: int, shape: list[int], dtype: str,
-               rank: int | None, threads: int | None = None) -> dict:
+               rank: int | None, threads: int | None = None, form: str = DEFAULT) -> dict:
     """The cache key of one measurement (``rank`` None: the dense layer; ``threads`` None: ORT's
-    default intra-op thread count)."""
+    default intra-op thread count; ``form``: the form the size is in, with its options, named in
+    the key unless it is the default form)."""
     machine = fingerprint if isinstance(fingerprint, str) else fingerprint_digest(fingerprint)
-    return {"model": model_sha, "machine": machine, "node": node, "batch": int(batch),
-            "shape": [int(d) for d in shape], "dtype": str(dtype), "rank": None if rank is None else int(rank),
-            "threads": None if threads is None else int(threads), "method": METHOD_VERSION}
+    key = {"model": model_sha, "machine": machine, "node": node, "batch": int(batch),
+           "shape": [int(d) for d in shape], "dtype": str(dtype), "rank": None if rank is None else int(rank),
+           "threads": None if threads is None else int(threads), "method": METHOD_VERSION}
+    if rank is not None and form != DEFAULT:
+        key["form"] = form
+    return key
 
 
 def _key_text(key: dict) -> str:
@@ -454,14 +458,15 @@ def random_factors(cand: Candidate, rank: int, *, seed: int = 0) -> list[Factori
 
 
 def factorized_micro(micro: onnx.ModelProto, rank: int, *, facts: list[Factorization] | None = None,
-                     seed: int = 0) -> onnx.ModelProto:
+                     seed: int = 0, form: str = DEFAULT, options: dict | None = None) -> onnx.ModelProto:
     """``micro`` (one candidate node) rewritten by its pass at ``rank``: what the compiler emits.
 
     Args:
         micro: a model from :func:`micro_model`.
-        rank: the rank of the factorized chain.
+        rank: the rank of the factorized chain (another form: its size on the chain's scale).
         facts: the factorizations to insert (one per group); None: :func:`random_factors`.
         seed: seed of the random factors.
+        form: the form to emit (random values of its structure at ``rank``), with its ``options``.
 
     Raises:
         ValueError: the node is no longer a candidate in isolation (should not happen).
@@ -473,11 +478,14 @@ def factorized_micro(micro: onnx.ModelProto, rank: int, *, facts: list[Factoriza
         why = "; ".join(d.reason for d in analysis.declines) or "no match"
         raise ValueError(f"micro model {micro.graph.name}: its node is not a candidate in isolation ({why})")
     (cand,) = analysis.candidates
-    facts = facts if facts is not None else random_factors(cand, rank, seed=seed)
+    if facts is None:
+        facts = (random_factors(cand, rank, seed=seed) if form == DEFAULT
+                 else FORMS[form].random(cand, rank, seed=seed, options=options))
     plan = Plan()
-    plan.put(cand, facts, rank)
-    apply(context(analysis.graph), [cand], plan)
-    return export(analysis.graph, micro)
+    plan.put(cand, facts, rank, form=form)
+    ctx = context(analysis.graph)
+    apply(ctx, [cand], plan)
+    return export(analysis.graph, micro, ctx.sparse)
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,7 +547,8 @@ def time_layers(model: onnx.ModelProto, cands: list[Candidate], feeds_by_batch: 
                 ranks_for: dict[str, list[int]], *, providers: list[str] | None = None,
                 cache: TimingCache | None = None, model_sha: str | None = None, repeats: int = 20,
                 progress: bool = False, warmup: int = 2, budget_s: float = 0.25,
-                intra_op_threads: int | None = None) -> dict[str, list[LayerTiming]]:
+                intra_op_threads: int | None = None, form: str = DEFAULT, form_options: dict | None = None
+                ) -> dict[str, list[LayerTiming]]:
     """Time each candidate, dense and factorized at each of its ranks, for each batch of feeds.
 
     See the module docstring for the method. Measurements found in ``cache`` are not repeated;
@@ -561,6 +570,8 @@ def time_layers(model: onnx.ModelProto, cands: list[Candidate], feeds_by_batch: 
         budget_s: timing budget per variant and batch, in seconds (sets the number of rounds).
         intra_op_threads: ORT threads per op (None: ORT's default, one per physical core, as
             deployed). 1 gives steadier numbers on a busy machine, but not the deployed ones.
+        form: the form the sizes in ``ranks_for`` are in (``lrcompile.forms``), with its
+            ``form_options`` (its knobs); its values are random, of its structure.
 
     Returns:
         label -> one LayerTiming per batch (in ``feeds_by_batch`` order), ranks ascending.
@@ -596,7 +607,8 @@ def time_layers(model: onnx.ModelProto, cands: list[Candidate], feeds_by_batch: 
                 ranks = sorted(set(ranks_for.get(cand.label, ())))
                 timing = _time_one(model, cand, inputs[cand.label], captured, ranks, providers=providers,
                                    cache=cache, sha=sha, fp=fp, tmp=tmp, consts=consts, repeats=repeats,
-                                   warmup=warmup, budget_s=budget_s, threads=intra_op_threads)
+                                   warmup=warmup, budget_s=budget_s, threads=intra_op_threads,
+                                   form=(form, form_options))
                 if timing is not None:
                     out[cand.label] = timing
         finally:
@@ -619,14 +631,16 @@ def _warn_if_busy(cores: int) -> None:
 
 
 def _time_one(model, cand: Candidate, layer_io: tuple[list[str], dict], captured: dict[int, dict[str, np.ndarray]],
-              ranks: list[int], *, providers, cache, sha, fp, tmp, consts, repeats, warmup, budget_s, threads
-              ) -> list[LayerTiming] | None:
+              ranks: list[int], *, providers, cache, sha, fp, tmp, consts, repeats, warmup, budget_s, threads,
+              form: tuple[str, dict | None] = (DEFAULT, None)) -> list[LayerTiming] | None:
     live, _ = layer_io
     keys, known = {}, {}
+    name, options = form
+    tag = name if name == DEFAULT else f"{name}{json.dumps(options or {}, sort_keys=True)}"
     for b, arrays in captured.items():
         x = arrays[cand.activation]
         for r in [None, *ranks]:
-            k = timing_key(sha, fp, cand.label, b, list(x.shape), str(x.dtype), r, threads)
+            k = timing_key(sha, fp, cand.label, b, list(x.shape), str(x.dtype), r, threads, form=tag)
             keys[b, r] = k
             hit = cache.get(k) if cache is not None else None
             if hit is not None:
@@ -635,8 +649,16 @@ def _time_one(model, cand: Candidate, layer_io: tuple[list[str], dict], captured
     if missing:
         try:
             micro = micro_model(model, cand, captured[next(iter(captured))], consts)
-            variants = {r: micro if r is None else factorized_micro(micro, r, seed=r)
-                        for r in dict.fromkeys(r for _, r in missing)}
+            variants = {}
+            for r in dict.fromkeys(r for _, r in missing):
+                try:
+                    variants[r] = micro if r is None else factorized_micro(micro, r, seed=r, form=name, options=options)
+                except ValueError as e:  # a size a sparse form cannot take (no rank left beside S...)
+                    if name == DEFAULT:
+                        raise
+                    log.info("%s: %s at size %s: %s; not timed there", cand.label, name, r, e)
+            ranks = [r for r in ranks if r in variants or all((b, r) in known for b in captured)]
+            missing = [(b, r) for b, r in missing if r in variants]
             sessions = {r: _session(m, providers, tmp, threads) for r, m in variants.items()}
         except Exception as e:  # noqa: BLE001 - ORT rejects the isolated node: report, do not stop
             log.warning("%s: cannot build or load its micro model (%s); not timed", cand.label, e)

@@ -298,17 +298,22 @@ class Planner:
             g = layer.grid
             pick = sorted({int(g[i]) for i in np.linspace(0, len(g) - 1, min(4, len(g))).round().astype(int)}) if len(g) else []
             for c in layer.cands:
-                points[c.label] = pick
+                points.setdefault(c.label, {})[layer.form.name] = pick
         cache = latency.TimingCache(None if self.config.timing_cache in (None, "") else self.config.timing_cache,
                                     enabled=self.config.timing_cache != "none")
         t0 = time.perf_counter()
-        timings = latency.time_layers(self.model, [c for x in timed for c in x.cands], feeds_by_batch,
-                                      points, cache=cache, progress=self.progress)
+        timings = {}  # form name -> label -> timings (each form's sizes timed with its own structure)
+        for name in dict.fromkeys(x.form.name for x in timed):
+            group = [x for x in timed if x.form.name == name]
+            timings[name] = latency.time_layers(
+                self.model, [c for x in group for c in x.cands], feeds_by_batch,
+                {c.label: points[c.label][name] for x in group for c in x.cands}, cache=cache, progress=self.progress,
+                form=name, form_options=form_knobs(group[0].form, self.config) or None)
         cache.save()
         for layer in timed:
             fast, rows = None, []
             for c in layer.cands:
-                for t in timings.get(c.label, []):
+                for t in timings[layer.form.name].get(c.label, []):
                     fr = t.fast_rank()
                     fast = fr if fast is None else min(fast, fr)
                     rows.append({"node": c.label, "batch": t.batch, "dense_ms": t.dense_ms,

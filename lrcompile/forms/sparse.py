@@ -46,6 +46,7 @@ import numpy as np
 
 from ..factorize import LayerStats, RankPolicy
 from ..factorize.types import SparseFit
+from ..factorize.whiten import DEFAULT_DAMPING
 from ..ir import Candidate, RewriteContext, Wiring
 from .base import Storage, Stored
 
@@ -54,19 +55,39 @@ CSR_INDEX_BYTES, ROW_INDEX_BYTES = 4, 8
 
 
 def metric(method: str, stats: LayerStats | None) -> tuple[np.ndarray | None, str]:
-    """The input-side Gram ``G [K, K]`` a sparse fit minimises ``||L^T (B - B')||`` in, for the
-    layer's ``method`` and its statistics, and the name of that metric (None: the weight error)."""
+    """The input-side Gram a sparse fit minimises ``||L^T (B - B')||`` in, for the layer's
+    ``method`` and its statistics: ``G [K, K]``, or its diagonal ``[K]`` where the metric is
+    diagonal (never a dense ``diag``: a 30,522-row vocabulary would make it 7 GB); and the name of
+    that metric (None: the weight error)."""
     if stats is None:
         return None, "weight"
     if stats.gram is not None:
         return np.asarray(stats.gram, np.float64), "gram"
     if stats.fisher is not None:  # FWSVD's row importance d_i^2 = sum_j F_ij
-        return np.diag(np.asarray(stats.fisher, np.float64).sum(axis=1) + 1e-12), "fisher-rows"
+        return np.asarray(stats.fisher, np.float64).sum(axis=1) + 1e-12, "fisher-rows"
     if stats.abs_sum is not None and stats.count:  # ASVD's per-channel scale, squared
-        return np.diag((np.asarray(stats.abs_sum, np.float64) / stats.count) ** 2 + 1e-12), "mean-abs"
+        return (np.asarray(stats.abs_sum, np.float64) / stats.count) ** 2 + 1e-12, "mean-abs"
     if stats.in_sum is not None:  # lookups: one-hot rows, G = diag(counts)
-        return np.diag(np.asarray(stats.in_sum, np.float64)), "lookups"
+        return np.asarray(stats.in_sum, np.float64), "lookups"
     return None, "weight"
+
+
+def diagonal_metric_fit(fit, b: np.ndarray, gram: np.ndarray, damping: float) -> SparseFit:
+    """``fit(b', None)`` on ``b' = diag(s) b`` with ``s^2`` the damped diagonal metric ``gram [K]``
+    (``g + damping mean(g)``, as whitening damps), unscaled after: ``D = diag(1/s) D'``. Exact
+    for a diagonal metric, and it never forms ``diag(g)``; errors recomputed for ``b``."""
+    from dataclasses import replace
+
+    g = np.asarray(gram, np.float64)
+    s = np.sqrt(g + damping * max(float(g.mean()), 1e-300))
+    f = fit(np.asarray(b * s[:, None].astype(b.dtype), b.dtype), None)
+    a = (f.a.astype(np.float64) / s[:, None]).astype(f.a.dtype)
+    approx = a.astype(np.float64) @ f.c.astype(np.float64)
+    b64 = b.astype(np.float64)
+    rel = float(np.linalg.norm(b64 - approx) / max(np.linalg.norm(b64), 1e-300))
+    gs_ = np.sqrt(g)[:, None]
+    obj = float(np.linalg.norm(gs_ * (b64 - approx)) / max(np.linalg.norm(gs_ * b64), 1e-300))
+    return replace(f, a=a, rel_error=rel, objective_error=obj)
 
 
 def budget(cand: Candidate, policy: RankPolicy, m: np.ndarray) -> float:
@@ -436,7 +457,13 @@ class DenseNMForm(_SparseBase):
         from ..factorize.sparsedense import dense_nm
 
         inner, nn, mm = self._layout(cand, b, policy, options)
-        return dense_nm(b, inner, gram, n=nn, m=mm, seed=int(options.get("seed", 0)), **_damping(options))
+
+        def fit(w, g):
+            return dense_nm(w, inner, g, n=nn, m=mm, seed=int(options.get("seed", 0)), **_damping(options))
+
+        if gram is not None and gram.ndim == 1:
+            return diagonal_metric_fit(fit, b, gram, float(options.get("damping", DEFAULT_DAMPING)))
+        return fit(b, gram)
 
     def _layout(self, cand, b, policy, options) -> tuple[int, int, int]:
         """``(inner width, N, M)`` that spend the layer's budget."""
@@ -481,7 +508,13 @@ class DictionaryForm(_SparseBase):
         from ..factorize.sparsedense import dictionary
 
         atoms, s = self._layout(cand, b, policy, options)
-        return dictionary(b, atoms, s, gram, seed=int(options.get("seed", 0)), **_damping(options))
+
+        def fit(w, g):
+            return dictionary(w, atoms, s, g, seed=int(options.get("seed", 0)), **_damping(options))
+
+        if gram is not None and gram.ndim == 1:
+            return diagonal_metric_fit(fit, b, gram, float(options.get("damping", DEFAULT_DAMPING)))
+        return fit(b, gram)
 
     def _layout(self, cand, b, policy, options) -> tuple[int, int]:
         """``(atoms, codes per column)`` that spend the layer's budget."""

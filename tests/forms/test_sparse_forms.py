@@ -252,3 +252,28 @@ def test_reruns_are_byte_identical(tmp_path, form):
         lrcompile.compile(src, out, form=form, ratio=0.5, min_params=0, multiple=1, verify=False)
         digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("form", ["dense-nm", "dictionary", "lowrank+sparse", "nm"])
+def test_diagonal_metric_never_forms_diag_and_matches_it(form):
+    """Lookup counts, asvd's scales and Fisher rows are diagonal metrics: the fit gets the vector
+    (a 30k-row vocabulary's dense diag would be 7 GB) and equals the fit with the dense diagonal."""
+    from lrcompile.factorize import LayerStats, RankPolicy
+    from lrcompile.forms.sparse import metric
+    from lrcompile.ir import Candidate
+
+    b = trained_like(64, 24, seed=3)
+    counts = RNG.integers(0, 50, 64).astype(np.float64)
+    cand = Candidate(node=None, pass_name="matmul", weight_key="W", matrices=[b], details={"side": "right"})
+    g, name = metric("whiten", LayerStats(count=int(counts.sum()), in_sum=counts))
+    assert g.ndim == 1 and name == "lookups"
+    f = FORMS[form]
+    opts = {"nm": "2:4", "sparse_share": 0.25, "sparse_pattern": "unstructured", "dictionary_share": 0.5, "seed": 0}
+    pol = RankPolicy(ratio=0.6, multiple=1)
+    by_vector = f._fit(cand, b, pol, g, opts)
+    by_matrix = f._fit(cand, b, pol, np.diag(g), opts)
+    w = np.sqrt(counts)[:, None]
+    approx = by_vector.dense()
+    want = np.linalg.norm(w * (b - approx)) / np.linalg.norm(w * b)
+    assert by_vector.objective_error == pytest.approx(want, rel=1e-6)
+    assert by_vector.objective_error == pytest.approx(by_matrix.objective_error, rel=0.05, abs=1e-6)
