@@ -169,10 +169,8 @@ def _factorize(run: _Run) -> None:
         _factorize_one_shot(run)
     run.records = run.pruned + run.plan.records + decline_records(run.analysis.declines)
     if not run.plan and not any(r.decision == "pruned" for r in run.pruned):
-        slow = any("not faster" in r.reason for r in run.records)
         raise LrcError(f"{run.src}: every candidate was declined ({_decline_summary(run.records)}); "
-                       + ("pass --size-only to compress them anyway, or " if slow else "")
-                       + "loosen the rank policy (e.g. --ratio 0.5) or --min-params")
+                       + _decline_advice(run.records))
     run.new = export(run.analysis.graph, run.model, run.ctx.sparse)
     run.mark("rewrite")
 
@@ -461,6 +459,26 @@ def _build_target(config: CompileConfig, src: Path, model_path: Path, dest_dir: 
                                        default_shapes={k: tuple(v.shape) for k, v in feeds_list[0].items()})
         return {"engine": {**info, "path": str(dest_dir / engine.name)}}, [engine]
     return {}, []
+
+
+def _decline_advice(records: list[LayerRecord]) -> str:
+    """What the user can change, from the reasons: options where an option declined a layer; where
+    only the model's structure did (subgraphs, depthwise convs, quantized or shared weights), that
+    no option helps and where each reason is listed."""
+    reasons = [r.reason for r in records]
+    hints = []
+    if any("not faster" in r for r in reasons):
+        hints.append("pass --size-only to compress them anyway")
+    if any("break-even" in r for r in reasons):
+        hints.append("loosen the rank policy (a smaller --ratio, --rank or --energy) or pass --keep-unprofitable")
+    if any(r.startswith("too small to matter") for r in reasons):
+        hints.append("lower --min-params (e.g. --min-params 0)")
+    if any(r.startswith(("op not selected", "excluded by", "name not matched")) for r in reasons):
+        hints.append("widen --only / --include / --exclude")
+    if not hints:
+        return ("no option changes these reasons (the model's structure declines every layer; "
+                "`lrcompile inspect MODEL` lists each)")
+    return " or ".join(hints)
 
 
 def _decline_summary(records: list[LayerRecord]) -> str:

@@ -208,3 +208,29 @@ def test_a_recurrent_state_whose_batch_is_not_its_first_axis_gets_shapes_that_fi
     x, state = fitted.feeds["x"].shape, fitted.feeds["state"].shape
     assert x[0] == state[1] and x[1] > 20, (x, state)
     assert fitted.note and "shapes tried" in fitted.note
+
+
+@pytest.mark.parametrize("small_matmul,opts,advice,not_advice", [
+    (True, dict(ratio=0.5), "lower --min-params (e.g. --min-params 0)", "no option changes"),
+    (False, dict(ratio=0.5, min_params=0), "no option changes these reasons", "--min-params"),
+])
+def test_every_candidate_declined_says_what_would_help(tmp_path, small_matmul, opts, advice, not_advice):
+    """Found by the corpus: the one line advised "loosen the rank policy (e.g. --ratio 0.5) or
+    --min-params" whatever the reasons, also to a user who had passed --ratio 0.5 on a model whose
+    layers are all depthwise convs or inside If bodies, where no option helps."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((8, 1, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], group=8, name="dw")]
+    inits = [numpy_helper.from_array(w, "W")]
+    if small_matmul:  # 49 params, under the default --min-params
+        nodes.append(helper.make_node("MatMul", ["y", "W2"], ["z"], name="mm"))
+        inits.append(numpy_helper.from_array(np.eye(7, dtype=np.float32), "W2"))
+    out = "z" if small_matmul else "y"
+    g = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 9, 9])],
+                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, 8, 7, 7])], inits)
+    src = tmp_path / "dw.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(src))
+    with pytest.raises(lrcompile.LrcError, match="every candidate was declined") as e:
+        lrcompile.compile(src, tmp_path / "o.onnx", **opts)
+    assert advice in str(e.value) and not_advice not in str(e.value) and "\n" not in str(e.value), str(e.value)
