@@ -256,7 +256,14 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, **options):
             click.echo(f"\n{tot['factorized']} factorized, " + (f"{tot['pruned']} pruned, " if tot["pruned"] else "")
                        + f"{tot['declined']} declined; params in {kind} layers "
                        f"{tot['params_before']:,} -> {tot['params_after']:,}"
-                       + (f" ({tot['params_ratio']:.1%})" if tot["params_ratio"] is not None else ""))
+                       + (f" ({tot['params_ratio']:.1%})" if tot["params_ratio"] is not None else "")
+                       + (" in the file" if "storage_params_after" in tot else ""))
+            if "storage_params_after" in tot and tot["params_before"]:
+                b = tot["params_before"]
+                click.echo(f"sparse forms: storage with indices {tot['storage_params_after']:,} "
+                           f"({tot['storage_params_after'] / b:.1%}; what a runtime with sparse kernels holds); "
+                           f"ONNX Runtime holds {tot['ort_params_after']:,} ({tot['ort_params_after'] / b:.1%}: "
+                           "it runs every sparse part dense) (docs/forms.md)")
             if res.verification:
                 src = res.feeds["source"]
                 dist = res.feeds["distribution"]

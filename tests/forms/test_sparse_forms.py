@@ -277,3 +277,31 @@ def test_diagonal_metric_never_forms_diag_and_matches_it(form):
     want = np.linalg.norm(w * (b - approx)) / np.linalg.norm(w * b)
     assert by_vector.objective_error == pytest.approx(want, rel=1e-6)
     assert by_vector.objective_error == pytest.approx(by_matrix.objective_error, rel=0.05, abs=1e-6)
+
+
+def _mlp(tmp_path):
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")]
+    src = save(make_model(nodes, [vi("x", ["batch", 64])], [vi("y", ["batch", 48])],
+                          [("W1", trained_like(64, 96, seed=1)), ("W2", trained_like(96, 48, seed=2))]),
+               tmp_path / "mlp.onnx")
+    x = (RNG.standard_normal((256, 64)) @ RNG.standard_normal((64, 64))).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    return src, tmp_path / "calib.npz"
+
+
+@pytest.mark.parametrize("form", ["auto", "nm", "lowrank+sparse"])
+def test_planner_prices_the_forms_under_one_budget(tmp_path, form):
+    src, calib = _mlp(tmp_path)
+    out = tmp_path / "o.onnx"
+    res = lrcompile.compile(src, out, form=form, params=0.6, calib=str(calib), min_params=0, multiple=1,
+                            allocation="error")
+    done = [r for r in res.layers if r.decision == "factorized"]
+    assert done, [r.reason for r in res.layers]
+    t = res.report["totals"]
+    # the budget counts each form's storage with its indices, never less
+    assert sum(r.params_after for r in done) <= 0.6 * (64 * 96 + 96 * 48) + 1
+    assert t["storage_params_after"] == sum(r.params_after for r in done)
+    if form != "auto":
+        assert {r.info["form"] for r in done} == {form}
+    assert res.verification[0]["cosine"] > 0.5
