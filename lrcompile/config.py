@@ -298,6 +298,10 @@ class CompileConfig:
         if used - {"lowrank"} and (self.energy is not None or self.max_error is not None):
             raise LrcError(f"--form {'/'.join(sorted(used - {'lowrank'}))} sizes layers by storage: give --ratio, "
                            "--rank or a global budget (--params, --flops), not --energy or --max-error")
+        if used - {"lowrank"} and self.distill:
+            raise LrcError(f"--distill trains the low-rank factors as dense tensors; it would fill the zeros of "
+                           f"--form {'/'.join(sorted(used - {'lowrank'}))} (masked training is not there yet): "
+                           "drop --distill or use --form lowrank")
         if "auto" in used and self.max_drop is not None:
             raise LrcError("--form auto prices forms under --params or --flops; --max-drop searches low-rank "
                            "budgets only")

@@ -237,7 +237,8 @@ def test_layer_form_and_bad_options():
     assert c.form_for("fc1") == "nm" and c.form_for("emb") == "lowrank"
     for bad, msg in [({"form": "nm", "energy": 0.9}, "not --energy"), ({"nm": "4:2"}, "0 < N < M"),
                      ({"form": "sparse"}, "unknown form"), ({"layer_forms": ("nm",)}, "REGEX=FORM"),
-                     ({"sparse_share": 1.5}, "--sparse-share")]:
+                     ({"sparse_share": 1.5}, "--sparse-share"),
+                     ({"form": "nm", "distill": "d.npz", "calib": "c.npz"}, "fill the zeros")]:
         with pytest.raises(LrcError, match=msg):
             CompileConfig(**bad)
 
