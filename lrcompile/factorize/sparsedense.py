@@ -473,13 +473,17 @@ def _omp(bw: np.ndarray, dw: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray
         live = d > 1e-10 * diag[new]
         dd = np.where(live, d, 1.0)
         upd = np.where(live[:, None], w, 0.0)
-        hinv[:, :t, :t] += upd[:, :, None] * upd[:, None, :] / dd[:, None, None]
-        hinv[:, :t, t] = -upd / dd[:, None]
-        hinv[:, t, :t] = -upd / dd[:, None]
-        hinv[:, t, t] = np.where(live, 1.0 / dd, 0.0)
-        rt = np.take_along_axis(r, idx[:, : t + 1], axis=1)
-        coef[:, : t + 1] = np.einsum("nij,nj->ni", hinv[:, : t + 1, : t + 1], rt)
+        # the block inverse gives the new least-squares coefficients in O(t):
+        # a = (r_k - h_k . c) / d on the new atom, c -= a w on the others
+        a = np.where(live, (r[np.arange(cols), new] - np.einsum("ni,ni->n", hk, coef[:, :t])) / dd, 0.0)
+        coef[:, :t] -= upd * a[:, None]
+        coef[:, t] = a
         if t + 1 < s:
+            scaled = upd / dd[:, None]
+            hinv[:, :t, :t] += upd[:, :, None] * scaled[:, None, :]
+            hinv[:, :t, t] = -scaled
+            hinv[:, t, :t] = -scaled
+            hinv[:, t, t] = np.where(live, 1.0 / dd, 0.0)
             sparse = sps.csr_matrix(
                 (coef[:, : t + 1].ravel(), idx[:, : t + 1].ravel(), np.arange(0, cols * (t + 1) + 1, t + 1)),
                 shape=(cols, k),
