@@ -76,7 +76,8 @@ loud channels):
     compot k=256 s=85               0.499   0.387     0.157     k=128 s=42           0.432    0.213
     cospadi k=384 s=64 (MOD)        0.500   0.335     0.143     k=128 s=42           0.414    0.196
 
-Single-threaded time per call: dense-nm 19 s / 1.8 s, compot 3 s / 0.4 s, cospadi 75 s / 4 s.
+Single-threaded time per call: dense-nm 19 s / 1.8 s, compot 3 s / 0.4 s, cospadi 41 s / 1.8 s
+(a loaded 2-core machine with 2 BLAS threads was up to 50x slower: set OPENBLAS_NUM_THREADS=1).
 """
 from __future__ import annotations
 
