@@ -69,9 +69,11 @@ GOALS = {"tracebacks", "invalid outputs", "lossless failures at full size", "siz
 # ---------------------------------------------------------------------------------------------- sources
 
 
-def backend_models() -> list[tuple[str, Path]]:
+def backend_models(*, light: bool) -> list[tuple[str, Path]]:
+    """ONNX's backend test data: the small ``*/*/model.onnx`` models, or (``light``) the light CNNs,
+    which take minutes each (VGG-19's 25088 x 4096 weight) and so come last."""
     data = Path(onnx.__file__).parent / "backend" / "test" / "data"
-    found = sorted(data.glob("light/*.onnx")) + sorted(data.glob("*/*/model.onnx"))
+    found = sorted(data.glob("light/*.onnx")) if light else sorted(data.glob("*/*/model.onnx"))
     return [("backend", p) for p in found]
 
 
@@ -243,7 +245,8 @@ def tally(rows: list[dict]) -> dict[str, dict[str, int]]:
 
 def markdown(table: dict, rows: list[dict], command: str, skipped: list[str], commit: str) -> str:
     head = ["source"] + list(COUNTS)
-    lines = [f"Command: `{command}` (lrcompile at commit {commit})", "",
+    runs = [f"`{c}` (lrcompile at commit {k})" for c, k in zip(command.split("\n"), commit.split("\n"))]
+    lines = ["Command" + ("s (their rows together)" if len(runs) > 1 else "") + ": " + "; ".join(runs), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g, t in table.items():
         lines.append("| " + " | ".join([f"**{g}**" if g == "all" else g] + [str(t[c]) for c in COUNTS]) + " |")
@@ -254,7 +257,7 @@ def markdown(table: dict, rows: list[dict], command: str, skipped: list[str], co
     for r in rows:
         for c in r["compiles"]:
             if c["outcome"] == "user error":
-                key = _error_kind(c["message"])
+                key = _error_kind(c["message"].replace(r["path"], "MODEL"))
                 errors.setdefault(key, []).append(f"{r['name']} ({c['mode']})")
     if errors:
         lines += ["", "User errors (one line each, nothing written), by kind:", ""]
@@ -336,10 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "corpus")
     ap.add_argument("--build-dynamo", type=Path, default=None, metavar="DIR",
                     help=f"only build {', '.join(DYNAMO_BUILDS)} through torch's dynamo exporter into DIR (--fast)")
+    ap.add_argument("--render", nargs="+", type=Path, default=None, metavar="JSON",
+                    help="only write counts.md/json into --out from the rows of earlier runs' counts.json")
     args = ap.parse_args(argv)
     if args.build_dynamo:
         build_dynamo(args.build_dynamo)
         return 0
+    if args.render:
+        return render(args.render, args.out)
     logging.disable(logging.WARNING)
     import onnxruntime as ort
 
@@ -347,15 +354,17 @@ def main(argv: list[str] | None = None) -> int:
     dirs = dict(DEFAULT_DIRS) if args.dirs is None else dict(d.split("=", 1) for d in args.dirs)
     work = Path(tempfile.mkdtemp(prefix="lrc-corpus-"))
     models, skipped = [], []
+    if args.fuzz:
+        models += fuzz_models(args.fuzz, work / "fuzz")
     if not args.no_backend:
-        models += backend_models()
+        models += backend_models(light=False)
     for group, folder in dirs.items():
         if Path(folder).is_dir():
             models += folder_models(group, Path(folder))
         else:
             skipped.append(f"{group}={folder}")
-    if args.fuzz:
-        models += fuzz_models(args.fuzz, work / "fuzz")
+    if not args.no_backend:
+        models += backend_models(light=True)
     if args.only:
         models = [(g, p) for g, p in models if args.only in str(p)]
     rows = []
@@ -368,18 +377,43 @@ def main(argv: list[str] | None = None) -> int:
                  + ("!" + ",".join(k for k, _ in c["problems"]) if c["problems"] else "") for c in row["compiles"]]
         print(f"[{i + 1}/{len(models)}] {name}: {' '.join(flags)} "
               f"({sum(c['seconds'] for c in row['compiles']):.1f} s)", flush=True)
-    table = tally(rows)
-    command = "python benchmarks/corpus.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    commit = os.environ.get("LRCOMPILE_COMMIT") or _git_head()
-    args.out.mkdir(parents=True, exist_ok=True)
-    md = markdown(table, rows, command.strip(), skipped, commit)
-    (args.out / "counts.md").write_text(md)
-    (args.out / "counts.json").write_text(json.dumps(
-        {"command": command.strip(), "commit": commit, "counts": table, "skipped": skipped,
-         "versions": {"lrcompile": lrcompile.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
-         "models": rows}, indent=1, default=str) + "\n")
+        table, md = _write(args.out, rows, argv, skipped, ort.__version__, done=i + 1 == len(models))
     print(md)
     return 0 if all(table["all"][g] == 0 for g in GOALS) else 1
+
+
+def render(files: list[Path], out: Path) -> int:
+    """counts.md / counts.json from the rows of earlier runs (e.g. the slow light models apart)."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    rows = [r for run in runs for r in run["models"]]
+    table = tally(rows)
+    command, commit = "\n".join(r["command"] for r in runs), "\n".join(r["commit"] for r in runs)
+    skipped = sorted({s for r in runs for s in r["skipped"]})
+    md = markdown(table, rows, command, skipped, commit)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "counts.md").write_text(md)
+    (out / "counts.json").write_text(json.dumps(
+        {"command": command, "commit": commit, "complete": all(r["complete"] for r in runs), "counts": table,
+         "skipped": skipped, "versions": runs[0]["versions"], "models": rows}, indent=1, default=str) + "\n")
+    print(md)
+    return 0 if all(table["all"][g] == 0 for g in GOALS) else 1
+
+
+def _write(out: Path, rows: list[dict], argv, skipped: list[str], ort_version: str, *, done: bool):
+    """Write counts.md / counts.json (after every model, so that an interrupted run keeps its counts)."""
+    table = tally(rows)
+    command = ("python benchmarks/corpus.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    commit = os.environ.get("LRCOMPILE_COMMIT") or _git_head()
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(table, rows, command, skipped, commit)
+    if not done:
+        md = f"**Partial: {len(rows)} models so far.**\n\n" + md
+    (out / "counts.md").write_text(md)
+    (out / "counts.json").write_text(json.dumps(
+        {"command": command, "commit": commit, "complete": done, "counts": table, "skipped": skipped,
+         "versions": {"lrcompile": lrcompile.__version__, "onnx": onnx.__version__, "onnxruntime": ort_version},
+         "models": rows}, indent=1, default=str) + "\n")
+    return table, md
 
 
 if __name__ == "__main__":
