@@ -334,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dirs", nargs="*", default=None, metavar="GROUP=DIR",
                     help=f"folders of models (default: {' '.join(f'{k}={v}' for k, v in DEFAULT_DIRS.items())})")
     ap.add_argument("--no-backend", action="store_true", help="leave out ONNX's backend test data")
+    ap.add_argument("--no-light", action="store_true",
+                    help="leave out the backend's light CNNs (minutes each; run them apart with --only light_)")
     ap.add_argument("--fuzz", type=int, default=100, help="fuzz graphs to add (default 100)")
     ap.add_argument("--only", default=None, help="a substring: compile only models whose path holds it")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "corpus")
@@ -363,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             models += folder_models(group, Path(folder))
         else:
             skipped.append(f"{group}={folder}")
-    if not args.no_backend:
+    if not args.no_backend and not args.no_light:
         models += backend_models(light=True)
     if args.only:
         models = [(g, p) for g, p in models if args.only in str(p)]
