@@ -159,10 +159,17 @@ class _SparseBase:
         return None
 
     def fit(self, cand: Candidate, policy: RankPolicy, method: str, stats: list, options: dict) -> list[SparseFit]:
+        from threadpoolctl import threadpool_limits
+
+        from .lowrank import SINGLE_THREAD_BELOW
+
         out = []
         for m, st in zip(cand.matrices, stats):
             gram, name = metric(method, st)
-            f = self._fit(cand, m, policy, gram, options)
+            # the fits' many small SVDs, solves and QRs: threaded BLAS made them 10-50x slower on
+            # a busy 2-core machine (measured), as for the low-rank form
+            with threadpool_limits(limits=1 if m.size < SINGLE_THREAD_BELOW else None, user_api="blas"):
+                f = self._fit(cand, m, policy, gram, options)
             size = budget(cand, policy, m) / sum(m.shape) if policy.ratio is not None or policy.rank is not None else 0
             out.append(_with(f, method=f"{method}:{name}" if gram is not None else method,
                              info={**f.info, "size": int(round(size))}))
