@@ -395,7 +395,7 @@ def render(files: list[Path], out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "counts.md").write_text(md)
     (out / "counts.json").write_text(json.dumps(
-        {"command": command, "commit": commit, "complete": all(r["complete"] for r in runs), "counts": table,
+        {"command": command, "commit": commit, "complete": all(r.get("complete", True) for r in runs), "counts": table,
          "skipped": skipped, "versions": runs[0]["versions"], "models": rows}, indent=1, default=str) + "\n")
     print(md)
     return 0 if all(table["all"][g] == 0 for g in GOALS) else 1
