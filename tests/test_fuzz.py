@@ -54,8 +54,9 @@ def _signature(model: onnx.ModelProto) -> list[tuple]:
 
 
 def compile_and_check(case: fg.Case, folder: Path, *, full: bool) -> str:
-    """Compile ``case`` (at ratio 0.5, or at full size) and check the output; returns ``"written"``
-    or ``"declined"`` (a one-line LrcError naming the declines, nothing written)."""
+    """Compile ``case`` (at ratio 0.5, or at full size) and check the output; returns ``"written"``,
+    ``"declined"`` (a one-line LrcError naming the declines, nothing written) or, at ratio 0.5 only,
+    ``"failed verification"`` (the default verdict found an output broken; nothing written)."""
     what = case.describe()
     src = folder / "src.onnx"
     onnx.save(case.model, str(src))
