@@ -41,7 +41,9 @@ AUTO = "auto"
 def best_form(cand: Candidate, config: CompileConfig, policy: RankPolicy, method: str, stats: list):
     """``--form auto`` under a rank policy: fit ``cand`` in every form that serves it at the
     policy's size and keep the one with the least objective error among those that save
-    something (the default form when none does). Returns ``(form, value)``."""
+    something and store no more than the default form at that size (a form whose size is its
+    pattern, N:M, may not fit a small budget); the default form when none does. Returns
+    ``(form, value)``."""
     from ..forms import FORMS, LAYER_OPS
 
     best = None
@@ -55,12 +57,24 @@ def best_form(cand: Candidate, config: CompileConfig, policy: RankPolicy, method
         except ValueError:  # the size cannot host this form
             continue
         err = f.errors(cand, value)[1]
-        if not f.declines(value) and (best is None or err < best[0]):
+        fits = f.storage(value).params <= budget_of(cand, policy) + sum(m.shape[1] for m in cand.matrices)  # (+ a bias)
+        if fits and not f.declines(value) and (best is None or err < best[0]):
             best = (err, f, value)
     if best is None:
         f = form_for(cand.pass_name, DEFAULT)
         return f, factorize_layer(cand, config, policy, method, stats, DEFAULT)
     return best[1], best[2]
+
+
+def budget_of(cand: Candidate, policy: RankPolicy) -> float:
+    """The parameters a rank policy gives ``cand``'s weight: ``ratio K N`` or ``rank (K + N)`` per
+    group (an energy or error target: the whole weight)."""
+    total = 0.0
+    for m in cand.matrices:
+        k, n = m.shape
+        total += (policy.ratio * k * n if policy.ratio is not None else
+                  policy.rank * (k + n) if policy.rank is not None else k * n)
+    return total
 
 
 @dataclass

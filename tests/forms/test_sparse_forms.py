@@ -219,17 +219,22 @@ def test_refusals_are_stated(tmp_path):
     assert "rows applies to MatMul (weight on the right)" in p.records[0].reason
 
 
-def test_auto_keeps_the_least_error_form(tmp_path):
+@pytest.mark.parametrize("ratio", [0.3, 0.6])
+def test_auto_keeps_the_least_error_form_within_the_budget(tmp_path, ratio):
+    """At 0.3 of the storage N:M (0.53) does not fit and is never chosen, however small its error."""
     build, _ = CASES["matmul-right"]
     src = save(build(), tmp_path / "m.onnx")
-    _, (cand,), p = _rewrite(src, _config("auto"))
+    _, (cand,), p = _rewrite(src, _config("auto", ratio=ratio))
     chosen = p.forms()[cand.weight_key]
     errs = {}
     for name in ("lowrank", "nm", "lowrank+sparse", "dense-nm", "dictionary"):
-        _, _, q = _rewrite(src, _config(name))
-        if q.records[0].decision == "factorized":
-            errs[name] = q.records[0].objective_error
+        _, _, q = _rewrite(src, _config(name, ratio=ratio))
+        r = q.records[0]
+        if r.decision == "factorized" and r.params_after <= ratio * 48 * 40 + 40:
+            errs[name] = r.objective_error
+    assert ("nm" in errs) == (ratio > 0.53)
     assert chosen == min(errs, key=errs.get), errs
+    assert p.records[0].params_after <= ratio * 48 * 40 + 40
 
 
 def test_layer_form_and_bad_options():
