@@ -234,14 +234,20 @@ def _topn_mask(score: np.ndarray, n: int) -> np.ndarray:
     return mask
 
 
-def nm_magnitude_mask(w: np.ndarray, n: int, m: int, order=None) -> np.ndarray:
-    """Keep-mask of the ``n`` largest ``|w|`` in each N:M group of each column of ``w [K, N]``."""
-    k, cols = w.shape
+def nm_top_mask(score: np.ndarray, n: int, m: int, order=None) -> np.ndarray:
+    """Keep-mask of the ``n`` largest ``score`` entries in each N:M group of each column of
+    ``score [K, N]`` (ties: the earlier row)."""
+    k, cols = score.shape
     perm = group_order(k, m, order)
-    mask_p = _topn_mask((w[perm] ** 2).reshape(k // m, m, cols), n).reshape(k, cols)
+    mask_p = _topn_mask(score[perm].reshape(k // m, m, cols), n).reshape(k, cols)
     mask = np.empty_like(mask_p)
     mask[perm] = mask_p
     return mask
+
+
+def nm_magnitude_mask(w: np.ndarray, n: int, m: int, order=None) -> np.ndarray:
+    """Keep-mask of the ``n`` largest ``|w|`` in each N:M group of each column of ``w [K, N]``."""
+    return nm_top_mask(w**2, n, m, order)
 
 
 # ----------------------------------------------------------------------------- N:M pruning

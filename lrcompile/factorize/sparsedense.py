@@ -88,6 +88,7 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sps
 
+from .sparse import nm_top_mask
 from .types import SparseFit
 from .whiten import DEFAULT_DAMPING, out_dtype, rel_norm, sqrt_factor
 
@@ -365,23 +366,13 @@ class _Scorer:
             score = full**2 / p_diag[:, None]
         else:
             score = np.abs(full) * np.sqrt(np.diag(h))[:, None]
-        return _nm_mask(score, self.n, self.m)
-
-
-def _nm_mask(score: np.ndarray, n: int, m: int) -> np.ndarray:
-    """Keep the ``n`` largest of every ``m`` consecutive rows, per column (ties: lower row)."""
-    k, cols = score.shape
-    grouped = score.reshape(k // m, m, cols)
-    order = np.argsort(-grouped, axis=1, kind="stable")
-    mask = np.zeros(grouped.shape, bool)
-    np.put_along_axis(mask, order[:, :n, :], True, axis=1)
-    return mask.reshape(k, cols)
+        return nm_top_mask(score, self.n, self.m)
 
 
 def _keep(x: np.ndarray, sparsity: int | None, nm: tuple[int, int] | None) -> np.ndarray:
     """The mask of the largest ``|x|``: ``sparsity`` per column, or N:M along rows."""
     if nm is not None:
-        return _nm_mask(np.abs(x), *nm)
+        return nm_top_mask(np.abs(x), *nm)
     order = np.argsort(-np.abs(x), axis=0, kind="stable")[:sparsity]
     mask = np.zeros(x.shape, bool)
     np.put_along_axis(mask, order, True, axis=0)
