@@ -236,6 +236,10 @@ class _SparseBase:
     def method(self, fits: list[SparseFit]) -> str:
         return fits[0].method.split(":")[0]
 
+    def size(self, fits: list[SparseFit]) -> int:
+        """The size on the chain's scale that the fit spent (its budget over ``K + N``)."""
+        return int(fits[0].info["size"])
+
     def info(self, fits: list[SparseFit]) -> dict:
         info = {k: v for k, v in fits[0].info.items() if isinstance(v, (int, float, str, bool))}
         info["metric"] = fits[0].method.partition(":")[2] or "weight"
@@ -409,9 +413,6 @@ class LowRankSparseForm(_SparseBase):
             return "lowrank+sparse with an N:M part does not apply to lookups"
         return None
 
-    def size(self, fits: list[SparseFit]) -> int:
-        return int(fits[0].info["size"])
-
     def storage(self, fits: list[SparseFit]) -> Storage:
         tensors = []
         for g, f in enumerate(fits):
@@ -489,9 +490,6 @@ class DenseNMForm(_SparseBase):
                          a=(rng.standard_normal((k, inner)) / math.sqrt(k)).astype(b.dtype),
                          c=_random_nm((inner, n), nn, mm, None, rng).astype(b.dtype), c_pattern=f"nm:{nn}:{mm}")
 
-    def size(self, fits: list[SparseFit]) -> int:
-        return int(fits[0].info["size"])
-
     def storage(self, fits: list[SparseFit]) -> Storage:
         tensors = []
         for g, f in enumerate(fits):
@@ -543,9 +541,6 @@ class DictionaryForm(_SparseBase):
         return SparseFit(kind="dictionary", method="timing", rel_error=float("nan"), objective_error=float("nan"),
                          a=(rng.standard_normal((k, atoms)) / math.sqrt(k)).astype(b.dtype), c=c.astype(b.dtype),
                          c_pattern=f"cols:{s}")
-
-    def size(self, fits: list[SparseFit]) -> int:
-        return int(fits[0].info["size"])
 
     def storage(self, fits: list[SparseFit]) -> Storage:
         tensors = []
