@@ -323,7 +323,10 @@ def has_sparse_constants(path: Path) -> bool:
     """Whether the model stores a tensor as a Constant with a sparse value (``forms.sparse``)."""
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - an unreadable file: TensorRT's parser reports it in one line
+        return False
     return any(n.op_type == "Constant" and any(a.name == "sparse_value" for a in n.attribute) for n in m.graph.node)
 
 
