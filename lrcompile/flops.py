@@ -63,10 +63,13 @@ def fix_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, 
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """The main graph's initializers and Constant-node tensors, by name."""
+    """The main graph's initializers and Constant-node tensors, by name; a sparse Constant (a
+    sparse form's part) by its stored values (its nonzeros)."""
     consts = {t.name: t for t in model.graph.initializer}
     consts.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
                    for a in n.attribute if a.name == "value"})
+    consts.update({n.output[0]: a.sparse_tensor.values for n in model.graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "sparse_value"})
     return consts
 
 
@@ -149,6 +152,8 @@ def count_flops(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
             for a in n.attribute:
                 if a.name == "value":
                     shapes[n.output[0]] = tuple(a.t.dims)
+                if a.name == "sparse_value":
+                    shapes[n.output[0]] = tuple(a.sparse_tensor.dims)
 
     def weight_params(name: str) -> int:
         return int(np.prod(inits[name].dims)) if name in inits else 0
