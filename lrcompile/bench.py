@@ -512,7 +512,11 @@ def run_bench(ds: Dataset, configs: list[BenchConfig], out: str | Path, *, commo
                                distill_s=dist["seconds"])
                 layers[cfg.label] = _layers(res)
                 facts = _model_facts(dst, shapes1)
+                # the whole model with each form's parts at their own storage (indices included),
+                # where the file keeps N:M zeros and indexes sparse values its own way
+                stored = facts["params"] - tot["params_after"] + tot.get("storage_params_after", tot["params_after"])
                 row.update(facts, params_ratio=facts["params"] / facts0["params"],
+                           storage_ratio=stored / facts0["params"],
                            weight_params_ratio=facts["weight_params"] / facts0["weight_params"]
                            if facts0["weight_params"] else None,
                            flops_ratio=facts["flops"] / facts0["flops"] if facts0["flops"] else None,
@@ -648,7 +652,7 @@ def results_table(results: dict, tablefmt: str = "simple") -> str:
         metric_keys = [results["primary"]] + metric_keys
     lat = results["settings"]["latency"]
     tags = [f"b{b}" for b in lat["batches"]] if lat else []
-    head = ["config", "fact. params", "storage", "weights", "params", "FLOPs", "file MB", *metric_keys, "rel L2",
+    head = ["config", "fact. params", "storage", "model storage", "weights", "params", "FLOPs", "file MB", *metric_keys, "rel L2",
             *[f"lat {t} (comp/orig)" for t in tags], "TRT MB"]
     body = []
     for r in results["rows"]:
@@ -660,6 +664,7 @@ def results_table(results: dict, tablefmt: str = "simple") -> str:
             r["config"],
             f"{fr:.2f}" if fr is not None else "-",
             _num(r.get("factorized_storage_ratio", fr), ".2f"),
+            _num(r.get("storage_ratio", r.get("params_ratio")), ".2f"),
             _num(r.get("weight_params_ratio"), ".3f"),
             f"{_si(r['params'])} ({r['params_ratio']:.2f})",
             f"{_si(r['flops'])} ({r['flops_ratio']:.2f})" if r.get("flops_ratio") is not None else "-",
