@@ -482,11 +482,15 @@ def _decline_advice(records: list[LayerRecord]) -> str:
 
 
 def _decline_summary(records: list[LayerRecord]) -> str:
-    reasons: dict[str, int] = {}
+    """The three commonest kinds of reason (reasons alike but for their numbers count as one kind),
+    each shown by its first instance, numbers included."""
+    reasons: dict[str, list] = {}
     for r in records:
         key = re.sub(r"\d+(\.\d+)?", "N", r.reason)
-        reasons[key] = reasons.get(key, 0) + 1
-    return "; ".join(f"{n} x {k}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+        reasons.setdefault(key, [0, r.reason])[0] += 1
+    top = sorted(reasons.values(), key=lambda v: -v[0])[:3]
+    return "; ".join(f"{n} x {first}" + (" (and alike)" if n > 1 and re.search(r"\d", first) else "")
+                     for n, first in top)
 
 
 def _feeds(run: _Run, config: CompileConfig) -> list[dict[str, np.ndarray]]:
