@@ -132,6 +132,11 @@ class CompileConfig:
                               "the weight (a Gather of input channels and a small MatMul, cheap everywhere); nm: N:M.")
     dictionary_share: float = opt(0.5, "dictionary: the share of each layer's storage spent on the dictionary D "
                                   "(the rest holds the sparse codes C).")
+    dictionary_kind: str = opt("orthogonal", "dictionary: {choices}.", choices=("orthogonal", "omp"),
+                               doc="orthogonal (COMPOT): at most K orthonormal atoms in the whitened space, codes in "
+                               "closed form, fast; omp (CoSpaDi): any number of atoms, codes by orthogonal matching "
+                               "pursuit and the dictionary by least squares (MOD), 5-15x slower, lower error on MiniLM's "
+                               "weights (benchmarks/results/forms).")
     rank: int | None = opt(None, "Fixed rank for every layer.", section="Rank policy (per layer)")
     ratio: float | None = opt(None, f"Keep about this fraction of each weight's parameters (default {DEFAULT_RATIO}).")
     energy: float | None = opt(None, "Smallest rank keeping this fraction of spectral energy.")

@@ -225,7 +225,7 @@ class _SparseBase:
         """Seeded random values with the structure the form has at ``size`` (its parts' shapes,
         patterns and nonzero counts), one per group: for timing, where values do not matter."""
         options = {"nm": "2:4", "sparse_share": 0.25, "sparse_pattern": "unstructured", "dictionary_share": 0.5,
-                   **(options or {})}
+                   "dictionary_kind": "orthogonal", **(options or {})}
         rng = np.random.default_rng(seed)
         policy = RankPolicy(rank=max(1, int(size)), multiple=1)
         return [_with(self._random(cand, m, policy, options, rng), info={"size": int(size)}) for m in cand.matrices]
@@ -507,7 +507,7 @@ class DictionaryForm(_SparseBase):
 
     name = "dictionary"
     ops = ("matmul", "gemm", "conv", "gather")
-    knobs = ("dictionary_share",)
+    knobs = ("dictionary_share", "dictionary_kind")
 
     def _fit(self, cand, b, policy, gram, options) -> SparseFit:
         from ..factorize.sparsedense import dictionary
@@ -515,7 +515,8 @@ class DictionaryForm(_SparseBase):
         atoms, s = self._layout(cand, b, policy, options)
 
         def fit(w, g):
-            return dictionary(w, atoms, s, g, seed=int(options.get("seed", 0)), **_damping(options))
+            return dictionary(w, atoms, s, g, orthogonal=options.get("dictionary_kind", "orthogonal") == "orthogonal",
+                              seed=int(options.get("seed", 0)), **_damping(options))
 
         if gram is not None and gram.ndim == 1:
             return diagonal_metric_fit(fit, b, gram, float(options.get("damping", DEFAULT_DAMPING)))
@@ -525,7 +526,9 @@ class DictionaryForm(_SparseBase):
         """``(atoms, codes per column)`` that spend the layer's budget."""
         k, n = b.shape
         p = budget(cand, policy, b)
-        atoms = min(k, int(float(options["dictionary_share"]) * p // k))
+        atoms = int(float(options["dictionary_share"]) * p // k)
+        if options.get("dictionary_kind", "orthogonal") == "orthogonal":
+            atoms = min(k, atoms)  # orthonormal atoms: at most K
         idx = 2 if atoms < 32768 else 4
         s = min(atoms, int((p - atoms * k) // (n * (1 + idx / b.dtype.itemsize))))
         if atoms < 1 or s < 1:

@@ -61,6 +61,7 @@ FORM_CASES = {
     ("dense-nm", ()): sorted(set(CASES) - {"conv"}),
     ("dense-nm", (("ratio", 0.9),)): ["conv"],  # [36 x 6] per group: half leaves an inner width under 4
     ("dictionary", ()): sorted(CASES),
+    ("dictionary", (("dictionary_kind", "omp"),)): ["matmul-right", "conv", "gather"],
 }
 PARAMS = [(f, opts, c) for (f, opts), cs in FORM_CASES.items() for c in cs]
 
