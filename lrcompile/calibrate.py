@@ -44,16 +44,20 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StatRequest:
     """Statistics wanted for one weight's input: rows of ``tensor`` with ``k`` features, or, for a
-    2-D Conv, its receptive fields per group (``conv`` geometry)."""
+    2-D Conv, its receptive fields per group (``conv`` geometry), or, with ``probs`` (attention
+    probabilities ``[B, H, Tq, Tk]``), per head the rows of ``A_h X`` (``X = tensor`` ``[B, Tk, k]``:
+    the value projection's input mixed as the head mixes it), padding queries dropped by the mask."""
 
     tensor: str
     k: int
     conv: ConvGeometry | None = None
     lookup: bool = False  # ``tensor`` holds indices into a k-row table: count them
+    probs: str | None = None
+    heads: int = 1
 
     @property
     def groups(self) -> int:
-        return self.conv.group if self.conv else 1
+        return self.conv.group if self.conv else self.heads if self.probs else 1
 
 
 @dataclass(frozen=True)
@@ -160,11 +164,11 @@ def collect_stats(
     if reference is not None:
         have = _tensor_names(reference)
         ref_names = sorted({r.tensor for r in requests.values() if not r.lookup and r.tensor in have})
-    paired = {key for key, r in requests.items() if r.tensor in ref_names}
+    paired = {key for key, r in requests.items() if r.tensor in ref_names and r.probs is None}
     accs = {key: [StatsAccumulator(r.k, cross=key in paired) for _ in range(r.groups)]
             for key, r in requests.items() if not r.lookup}
     counts = {key: np.zeros(r.k, np.float64) for key, r in requests.items() if r.lookup}
-    names = sorted({r.tensor for r in requests.values()})
+    names = sorted({r.tensor for r in requests.values()} | {r.probs for r in requests.values() if r.probs})
     seen = kept = 0
     unmasked: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="lrcompile-calib-") as tmp:
@@ -190,6 +194,9 @@ def collect_stats(
                     m = row_mask(mask, x.shape)
                     idx = (x[m] if m is not None else x).ravel() % req.k
                     counts[key] += np.bincount(idx, minlength=req.k)
+                    continue
+                if req.probs is not None:
+                    _update_heads(accs[key], x, outs[req.probs], req, mask)
                     continue
                 if req.conv is not None:
                     for i in range(x.shape[0]):  # one image at a time bounds the im2col copy
@@ -219,6 +226,22 @@ def collect_stats(
     out = {key: [a.result() for a in group] for key, group in accs.items()}
     out.update({key: [LayerStats(count=int(c.sum()), in_sum=c, abs_sum=c.copy())] for key, c in counts.items()})
     return out, info
+
+
+def _update_heads(accs: list[StatsAccumulator], x: np.ndarray, probs: np.ndarray, req: StatRequest,
+                  mask: np.ndarray | None) -> None:
+    """Fold one batch of ``A_h X`` per head into ``accs`` (one accumulator per head)."""
+    if probs.ndim != 4 or probs.shape[1] != req.heads:
+        raise AssertionError(f"attention probabilities {req.probs!r} have shape {probs.shape}, expected "
+                             f"[B, {req.heads}, Tq, Tk]")
+    b, _, tq, tk = probs.shape
+    if x.ndim == 2 and x.shape[0] == b * tk:  # projections on flattened rows [B T, K]
+        x = x.reshape(b, tk, -1)
+    if x.shape[:2] != (b, tk) or x.shape[-1] != req.k:
+        raise AssertionError(f"activation {req.tensor!r} has shape {x.shape}, expected [{b}, {tk}, {req.k}]")
+    m = row_mask(mask, (b, tq))
+    for h, acc in enumerate(accs):
+        acc.update(np.matmul(probs[:, h].astype(np.float64), x.astype(np.float64)), mask=m)
 
 
 def _tensor_names(model: onnx.ModelProto) -> set[str]:

@@ -43,7 +43,7 @@ DEFAULT_RATIO = 0.5
 OFF = "none"
 #: Help sections of the ``compile`` command, in the order ``--help`` and docs/cli.md show them.
 SECTIONS = ("Target", "Form", "Rank policy (per layer)", "Global budget", "Latency", "Method and data", "MLP pruning",
-            "Fisher information and curvature", "Distillation", "Layer selection", "Verification",
+            "Attention", "Fisher information and curvature", "Distillation", "Layer selection", "Verification",
             "Output and TensorRT")
 
 
@@ -195,6 +195,17 @@ class CompileConfig:
         doc="Runs before, and is left out of, the low-rank passes (``lrcompile.factorize.channels``, "
         "``lrcompile.pruning``); the planner's sensitivities and --sequential's targets are then measured against "
         "the pruned model, verification always against the original.")
+    attention: float | str | None = opt(
+        None, "Reduce the head dimension of multi-head attention blocks, Q.K and V.O as pairs (no node added, "
+        "thinner projections): 'auto' lets the --params/--flops/--max-drop planner choose each block's QK and OV "
+        "head dimensions, against low rank of its projections, under the one budget; R, or QK:OV (e.g. 16:24), "
+        "fixes them for every block. Needs --calib.", section="Attention", metavar="auto|R|QK:OV",
+        doc="Blocks are found by structure (``passes.attention``: projections, head reshapes, score MatMul, "
+        "Softmax, context MatMul, merge, output projection); fused QKV weights and ONNX Runtime's fused "
+        "Attention ops are declined with their reason (report: ``attention.not_blocks``). QK is fitted to the "
+        "pre-softmax scores, OV to the block's output on the calibration data (``lrcompile.factorize.heads``; "
+        "METHODS.md); biases fold exactly and the softmax scale stays the original. Runs before, and is left out "
+        "of, the low-rank passes, like --prune-mlp.")
     fisher: str | None = opt(None, "fwsvd: Fisher .npz (weight name -> squared-gradient sums), or 'collect' (torch).",
                              section="Fisher information and curvature",
                              doc="'collect' computes it from the calibration data and labels (``lrcompile[fisher]``).")
@@ -240,6 +251,29 @@ class CompileConfig:
     latency_batches: tuple[int, ...] = opt((1, 16), "Batch sizes latency-aware timing uses.",
                                            doc="Each must be faster factorized.")
     timing_cache: str | None = opt(None, "Timing cache file (default: ~/.cache/lrcompile/timings.json; 'none': off).")
+
+    def _check_attention(self) -> None:
+        a = self.attention
+        if a is None:
+            return
+        fixed = a != "auto"
+        if isinstance(a, str) and a != "auto" and not re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", a):
+            raise LrcError(f"--attention {a!r}: give auto, a head dimension (e.g. 16), or QK:OV head dimensions "
+                           "(e.g. 16:24)")
+        if not isinstance(a, str) and (a < 1 or a != int(a)):
+            raise LrcError(f"--attention {a:g}: a head dimension is a whole number >= 1 (or auto)")
+        if not self.calib:
+            raise LrcError("--attention fits the reduced heads to calibration data: pass --calib")
+        if not fixed:
+            if self.budget is None:
+                raise LrcError("--attention auto lets the budget's planner choose each block's head dimensions: "
+                               "give --params, --flops or --max-drop (or a head dimension, e.g. --attention 16)")
+            if self.allocation == "threshold":
+                raise LrcError("--attention auto needs measured or error-curve allocation; drop --allocation "
+                               "threshold")
+        elif self.max_drop is not None:
+            raise LrcError("--max-drop searches budgets on the model as given; use a fixed --attention with "
+                           "--params/--flops or a rank policy, or --attention auto")
 
     def __post_init__(self) -> None:
         for f in fields(self):  # frozen: each value set once, here
@@ -362,6 +396,7 @@ class CompileConfig:
             elif self.max_drop is not None:
                 raise LrcError("--max-drop searches low-rank budgets on the unpruned model; use --prune-mlp with "
                                "--params/--flops or a rank policy")
+        self._check_attention()
         if self.distill_samples is not None and self.distill_samples < 2:
             raise LrcError("--distill-samples must be >= 2 (the last tenth of the batches is held out)")
         if self.distill_batch < 1 or self.distill_epochs < 1:

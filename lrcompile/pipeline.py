@@ -32,6 +32,7 @@ from .errors import LrcError, VerificationFailed, is_write_error, note_stage, wr
 from .io import atomic_output, commit, load_model, same_file, write_model
 from .ir import RewriteContext
 from .pruning import MlpPairs, prune_mlps
+from .sites import Sites
 from .report import LayerRecord, sha256, totals
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class _Run:
     feeds: list[dict[str, np.ndarray]] | None = None
     pruned: list[LayerRecord] = field(default_factory=list)
     pruning: dict | None = None
-    pairs: MlpPairs | None = None
+    attention: dict | None = None
+    pairs: Sites | None = None  # the MLP / attention pairs the planner prices (the auto modes)
     analysis: Analysis | None = None
     ctx: RewriteContext | None = None
     evidence: Evidence = field(default_factory=Evidence)
@@ -136,14 +138,34 @@ def _prune(run: _Run) -> None:
     """``--prune-mlp F``: prune every MLP pair first; ``auto``: find the pairs for the planner."""
     config = run.config
     if config.prune_mlp == "auto":  # the budget's planner chooses each pair's width (lrcompile.pruning)
-        run.pairs = MlpPairs.find(run.model, config)
-        run.pruning = {"keep": "auto", "pairs": [], "not_pairs": run.pairs.reasons}
-        if not run.pairs.pairs:
+        run.pairs = Sites(mlp=MlpPairs.find(run.model, config))
+        run.pruning = {"keep": "auto", "pairs": [], "not_pairs": run.pairs["mlp"].reasons}
+        if not run.pairs["mlp"].pairs:
             log.warning("--prune-mlp auto: no MLP pair (Linear -> channel-wise activation -> Linear with constant "
                         "weights) in this model; the budget goes to low rank alone")
     elif config.prune_mlp is not None:
         run.model, run.pruned, run.pruning = prune_mlps(run.model, config, progress=run.progress)
         run.mark("prune")
+
+
+def _attention(run: _Run) -> None:
+    """``--attention R``: every attention block at that head dimension first; ``auto``: find the
+    blocks for the planner."""
+    from .attention import AttentionSites, reduce_heads
+
+    config = run.config
+    if config.attention == "auto":
+        sites = AttentionSites.find(run.model, config)
+        run.pairs = run.pairs or Sites()
+        run.pairs.kinds["attention"] = sites
+        run.attention = {"head_dim": "auto", "pairs": [], "not_blocks": sites.reasons}
+        if not sites.pairs:
+            log.warning("--attention auto: no multi-head attention block in this model (see the report's "
+                        "attention.not_blocks); the budget goes to the other layers")
+    elif config.attention is not None:
+        run.model, recs, run.attention = reduce_heads(run.model, config, progress=run.progress)
+        run.pruned += recs
+        run.mark("attention")
 
 
 def _analyze(run: _Run) -> None:
@@ -184,7 +206,7 @@ def _factorize_one_shot(run: _Run) -> None:
         run.mark("calibrate")
     run.plan, run.planner, run.plan_info = _plan_sizes(run)
     if pairs and pairs.pairs:  # write the chosen widths, then the ranks onto the pruned model
-        _, run.pruned, run.pruning["pairs"], analysis = _prune_chosen(run, run.model)
+        _, analysis = _prune_chosen(run, run.model)
         run.reanalyze(analysis)
         planner = run.planner
         run.plan = Plan().decide(analysis.candidates, config, run.evidence, ranks=planner.ranks, forms=planner.forms,
@@ -207,7 +229,7 @@ def _factorize_sequential(run: _Run) -> None:
         p0, run.planner, run.plan_info = _plan_sizes(run)
         ranks, reasons, forms = p0.sizes(), p0.dense_reasons(), p0.forms()
         if pairs and pairs.pairs:  # prune the chosen widths first: the stages then fit the rest on it
-            run.model, run.pruned, run.pruning["pairs"], analysis = _prune_chosen(run, run.model)
+            run.model, analysis = _prune_chosen(run, run.model)
             run.reanalyze(analysis)
     p, run.calib_info = Plan(), {"mode": "sequential", "stages": []}
     for stage in tqdm(stages(run.analysis.graph, run.analysis.candidates), desc="sequential calibration",
@@ -329,6 +351,8 @@ def _write_files(run: _Run) -> None:
         result.report["calibration"] = calib_info
         result.report["plan"] = run.plan_info
         result.report["mlp_pruning"] = run.pruning
+        if run.attention is not None:
+            result.report["attention"] = run.attention
         result.report["distillation"] = run.distill_info
         if ok:
             result.report = _relocate(result.report, tmp, out.parent)
@@ -362,6 +386,8 @@ def _describe_factorize(c: CompileConfig) -> list[str]:
 STAGES = (
     Stage("load", _load),
     Stage("prune-mlp", _prune, lambda c: [f"prune-mlp{{keep={_g(c.prune_mlp)}}}"] if c.prune_mlp is not None else []),
+    Stage("attention", _attention,
+          lambda c: [f"attention{{head_dim={_g(c.attention)}}}"] if c.attention is not None else []),
     Stage("analyze", _analyze, lambda c: ["analyze"]),
     Stage("evidence", _evidence),
     Stage("factorize", _factorize, _describe_factorize),
@@ -391,12 +417,19 @@ def _calibrate(run: _Run, model: onnx.ModelProto, cands, *, progress: bool, refe
 
 
 def _prune_chosen(run: _Run, model: onnx.ModelProto):
-    """``--prune-mlp auto``: the model with the planner's widths written, the pruned layers' records
-    (annotated by the planner), the report rows, and the analysis of the other layers on it."""
+    """``--prune-mlp auto`` / ``--attention auto``: the model with the planner's widths and head
+    dimensions written (their records, annotated by the planner, join ``run.pruned``; their rows
+    the report's sections), and the analysis of the other layers on it."""
     pairs, planner = run.pairs, run.planner
-    pmodel, records, rows = pairs.prune(model, planner.ranks, reason="--prune-mlp auto", progress=run.progress)
+    pmodel, records, rows = pairs.prune(model, planner.ranks, progress=run.progress,
+                                        reason={"mlp": "--prune-mlp auto", "attention": "--attention auto"})
     planner.annotate(records, planner.ranks)
-    return pmodel, records, rows, analyze(pmodel, run.config, skip=pairs.pruned_labels(planner.ranks))
+    run.pruned = run.pruned + records
+    if "mlp" in rows:
+        run.pruning["pairs"] = rows["mlp"]
+    if "attention" in rows:
+        run.attention["pairs"] = rows["attention"]
+    return pmodel, analyze(pmodel, run.config, skip=frozenset(r.node for r in run.pruned))
 
 
 def _plan_sizes(run: _Run):

@@ -147,15 +147,16 @@ def build_layers(cands: list[Candidate], config: CompileConfig, evidence: Eviden
 
 
 def pair_layers(pairs, config: CompileConfig, *, progress: bool) -> list[Layer]:
-    """One planner entry per MLP pair (``lrcompile.pruning``): its choices are the hidden widths
-    below the full one (multiples of ``--multiple``), its error curve the channel refit's."""
+    """One planner entry per multi-layer site (``lrcompile.sites``): an MLP pair, whose choices
+    are the hidden widths below the full one (multiples of ``--multiple``) and its error curve the
+    channel refit's; or an attention QK/OV pair, whose choices are head dimensions (``forms.heads``)."""
     layers = []
-    for key, pr in tqdm(pairs.pairs.items(), desc="pruning curves", unit="pair",
+    for key, pr in tqdm(pairs.pairs.items(), desc="pair curves", unit="pair",
                         disable=None if progress else True, leave=False):
-        form = FORMS["channels"]
+        form = pairs.form(key)
         grid = form.sizes(pr, config.multiple)
         err2 = pairs.curve(key, grid) if len(grid) else np.zeros(0)
-        layers.append(Layer(key=key, cands=[], method="prune", stats=[pairs.stats.get(key)], note="",
+        layers.append(Layer(key=key, cands=[], method="prune" if form.name == "channels" else form.name, stats=[pairs.stats.get(key)], note="",
                             spectra=[], totals=[], grid=grid, params=form.params(pr, grid), dense_params=pr.params(),
                             err2=err2, has_bias=False, pair=pr, form=form))
     return layers
@@ -199,7 +200,10 @@ class Planner:
         self.layers = build_layers(cands, config, self.evidence, progress=progress)
         if self.pairs is not None:
             self.layers += pair_layers(self.pairs, config, progress=progress)
-            self.info["mlp_pairs"] = len(self.pairs.pairs)
+            kinds = getattr(self.pairs, "kinds", {"mlp": self.pairs})
+            for name, k in kinds.items():
+                if k.pairs:
+                    self.info["mlp_pairs" if name == "mlp" else f"{name}_pairs"] = len(k.pairs)
         self.info["spectra_seconds"] = round(time.perf_counter() - t0, 3)
         if config.flops is not None and feed is None:
             raise AssertionError("a FLOPs budget needs the verification feed's shapes")

@@ -75,6 +75,9 @@ class MlpPairs:
         _, pairs, reasons = _find(model, config)
         return cls({PAIR_KEY + pr.label: pr for pr in pairs}, reasons)
 
+    def form(self, key: str):
+        return FORM
+
     def pruned_labels(self, widths: dict[str, int]) -> frozenset[str]:
         """Node labels of the two layers of every pair ``widths`` prunes (out of the low-rank passes)."""
         return frozenset(node_label(n) for key, pr in self.pairs.items() if 0 < widths.get(key, 0) < pr.width

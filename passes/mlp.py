@@ -70,7 +70,7 @@ def _single_consumer(t: gs.Tensor) -> gs.Node | None:
     return t.outputs[0] if len(t.outputs) == 1 else None
 
 
-def _linear(node: gs.Node, consts: ConstantResolver, graph_outputs: set[str]) -> Linear | str:
+def linear(node: gs.Node, consts: ConstantResolver, graph_outputs: set[str]) -> Linear | str:
     """The node as a Linear, or why it is not one."""
     if node.op == "MatMul":
         w = _const(node.inputs[1], consts)
@@ -122,7 +122,7 @@ def find_pairs(graph: gs.Graph, consts: ConstantResolver, nodes: list[gs.Node]) 
     for node in nodes:
         if node.op not in ("MatMul", "Gemm") or id(node) in used:
             continue
-        up = _linear(node, consts, outputs)
+        up = linear(node, consts, outputs)
         if isinstance(up, str):
             continue
         pair = _follow(up, consts, outputs)
@@ -168,7 +168,7 @@ def _follow(up: Linear, consts: ConstantResolver, outputs: set[str]) -> MlpPair 
         return "no second linear layer after the activation"
     if down_node.inputs[0].name not in region:
         return "the second layer does not read the activation"
-    down = _linear(down_node, consts, outputs)
+    down = linear(down_node, consts, outputs)
     if isinstance(down, str):
         return f"second layer: {down}"
     if down.weight.shape[0] != up.weight.shape[1]:

@@ -14,20 +14,22 @@ The explicit registry: a new form is its math (``factorize/``), its module here,
 
 Two kinds of site exist today. A *layer form* replaces one candidate's weight (``ir.Candidate``;
 nodes sharing a weight share one value): ``lowrank``. A *pair form* spans the two layers of an
-MLP pair (``passes.mlp.MlpPair``): ``channels``, hidden-channel pruning with a least-squares refit.
-The planner prices every (form, size) of every site under one budget.
+MLP pair (``passes.mlp.MlpPair``): ``channels``, hidden-channel pruning with a least-squares refit;
+or the two projections of an attention block's QK or OV product (``lrcompile.attention.HeadPair``):
+``heads``, head-dimension reduction. The planner prices every (form, size) of every site under one budget.
 """
 from __future__ import annotations
 
 from .base import LayerForm, Storage, Stored
 from .channels import ChannelsForm
+from .heads import HeadsForm
 from .lowrank import LowRankForm
 from .sparse import DenseNMForm, DictionaryForm, LowRankSparseForm, NMForm
 
 
 #: name -> form (the registry); the default form of every candidate is ``lowrank``.
 FORMS = {f.name: f for f in (LowRankForm(), NMForm(), LowRankSparseForm(), DenseNMForm(), DictionaryForm(),
-                             ChannelsForm())}
+                             ChannelsForm(), HeadsForm())}
 DEFAULT = "lowrank"
 #: the passes of single weights (a layer form applies to some of them; a pair form to MLP pairs)
 LAYER_OPS = ("matmul", "gemm", "conv", "gather")
