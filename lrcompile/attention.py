@@ -240,10 +240,45 @@ class AttentionSites:
                                                                                    node_label(pr.down.node)],
                          "heads": pr.heads, "head_dim": pr.width, "kept": r, "params_before": pr.params(),
                          "params_after": pr.params(r), "predicted_rel_error": fit.rel_error,
-                         "error_of": what, "scale": pr.block.scale, "cross": pr.block.cross})
+                         "error_of": what, "tensor": (pr.block.softmax.inputs[0] if pr.kind == "qk" else pr.down.out).name,
+                         "scale": pr.block.scale, "cross": pr.block.cross})
         if todo:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()  # new shape Concats; old shapes unused
         return (export(graph, model) if todo else model), records, rows
+
+
+def measure_errors(original: onnx.ModelProto, new: onnx.ModelProto, rows: list[dict], feeds: list[dict],
+                   mask_input: str | None = None) -> None:
+    """Add to each report row the error measured in ONNX Runtime on ``feeds`` at the tensor the
+    math's error is about (QK: the pre-softmax scores; OV: the output projection's output), the
+    compressed model against the original. End to end: the error of every layer compressed
+    upstream is in it too, so it bounds the block's own error from above (roughly). Rows masked out
+    by ``mask_input`` (padding queries and keys) are left out."""
+    from .sessions import capture
+
+    names = sorted({r["tensor"] for r in rows})
+    if not names or not feeds:
+        return
+    err = {n: 0.0 for n in names}
+    tot = {n: 0.0 for n in names}
+    for feed in feeds:
+        a = capture(original, names, feed, ["CPUExecutionProvider"])
+        b = capture(new, names, feed, ["CPUExecutionProvider"])
+        keep = np.asarray(feed[mask_input]) != 0 if mask_input and mask_input in feed else None
+        for n in names:
+            x, y = a[n].astype(np.float64), b[n].astype(np.float64)
+            if x.shape != y.shape:
+                raise AssertionError(f"{n} is {x.shape} in the original, {y.shape} after reducing heads")
+            if keep is not None and x.ndim == 4 and keep.shape == (x.shape[0], x.shape[3]) == (x.shape[0], x.shape[2]):
+                sel = keep[:, None, :, None] & keep[:, None, None, :]
+                x, y = np.where(sel, x, 0.0), np.where(sel, y, 0.0)
+            elif keep is not None and x.ndim == 3 and keep.shape == x.shape[:2]:
+                x, y = x[keep], y[keep]
+            err[n] += float(np.sum((y - x) ** 2))
+            tot[n] += float(np.sum(x ** 2))
+    for r in rows:
+        n = r["tensor"]
+        r["measured_rel_error"] = float(np.sqrt(err[n] / tot[n])) if tot[n] > 0 else None
 
 
 def spec_text(spec) -> str:

@@ -273,8 +273,13 @@ def _distill_stage(run: _Run) -> None:
 
 
 def _measure(run: _Run) -> None:
-    """Under a global budget with data: the planner's metric on the final model."""
+    """Under a global budget with data: the planner's metric on the final model. With reduced
+    attention heads: each pair's error measured at its scores or output on the verification feeds."""
     config = run.config
+    if run.attention and run.attention.get("pairs") and run.feeds:
+        from .attention import measure_errors
+
+        measure_errors(run.original, run.new, run.attention["pairs"], run.feeds, mask_input(run.original, config))
     if run.planner is not None and (config.calib or config.val):
         ev = run.planner.evaluator(search=config.budget == "max_drop")
         m = ev.measure(run.new)

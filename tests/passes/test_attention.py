@@ -279,6 +279,15 @@ def test_compile_with_attention_is_deterministic_and_reports_each_pair(tmp_path)
     att = res.report["attention"]
     assert {(p["kind"], p["kept"]) for p in att["pairs"]} == {("qk", 4), ("ov", 6)}
     assert all(p["predicted_rel_error"] > 0 for p in att["pairs"])
+    # measured in ORT on held-out rows: the scores as predicted; the block output also carries the
+    # error the reduced scores make (end to end), so it is at least the OV error predicted
+    qk, ov = (next(p for p in att["pairs"] if p["kind"] == k) for k in ("qk", "ov"))
+    assert qk["measured_rel_error"] == pytest.approx(qk["predicted_rel_error"], rel=0.3)
+    assert ov["measured_rel_error"] >= 0.9 * ov["predicted_rel_error"]
+    alone = lrcompile.compile(src, tmp_path / "ov.onnx", calib=str(calib), attention="8:6", ratio=1.0,
+                              mask_input="mask", inputs=str(_calib(tmp_path, seed=3))).report["attention"]["pairs"]
+    ov = next(p for p in alone if p["kind"] == "ov")  # with the scores exact, the output error is the OV math's
+    assert ov["measured_rel_error"] == pytest.approx(ov["predicted_rel_error"], rel=0.3)
     assert res.status == "PASSED"
     recs = [r for r in res.layers if r.method == "heads"]
     assert len(recs) == 4 and all(r.params_after == r.params_before * (4 if "q" in r.info["kind"] else 6) // 8
