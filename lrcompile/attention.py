@@ -207,6 +207,7 @@ class AttentionSites:
         todo = {k: w for k, w in widths.items() if k in self.pairs and 0 < w < self.pairs[k].width}
         records: list[LayerRecord] = []
         rows: list[dict] = []
+        fused: dict = {}  # block label -> (block, the block written) of fused QKV weights touched
         graph = fresh = ctx = consts = None
         if todo:
             graph, consts, blocks, _ = _find(model, CompileConfig())
@@ -228,6 +229,9 @@ class AttentionSites:
             left, right = FORM.layer_params(pr, r)
             what = "scores" if pr.kind == "qk" else "output"
             for lin, new, after, err in ((pr.up, written.up, left, None), (pr.down, written.down, right, fit.rel_error)):
+                if pr.block.fused is not None and lin.node is pr.block.fused.lin.node:  # one record for it, below
+                    fused[pr.block.label] = (pr.block, fresh[key].block if fresh and key in fresh else pr.block)
+                    continue
                 kin, kout = lin.weight.shape
                 records.append(LayerRecord(
                     node=node_label(lin.node), op=lin.node.op, shape=[kin, kout], decision="pruned",
@@ -242,9 +246,30 @@ class AttentionSites:
                          "params_after": pr.params(r), "predicted_rel_error": fit.rel_error,
                          "error_of": what, "tensor": (pr.block.softmax.inputs[0] if pr.kind == "qk" else pr.down.out).name,
                          "scale": pr.block.scale, "cross": pr.block.cross})
+        for label, (block, new) in fused.items():
+            records.append(self._fused_record(block, new, widths if todo else {}, reason))
         if todo:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()  # new shape Concats; old shapes unused
         return (export(graph, model) if todo else model), records, rows
+
+
+    def _fused_record(self, block, new, widths: dict[str, int], reason: str) -> LayerRecord:
+        """The record of a fused QKV weight: its Q, K and V column blocks at their head dimensions."""
+        lin = block.fused.lin
+        r_qk = widths.get(QK_KEY + block.label, block.head_dim) or block.head_dim
+        r_ov = widths.get(OV_KEY + block.label, block.v_dim) or block.v_dim
+        kin, kout = lin.weight.shape
+        after = kin * block.heads * (2 * min(r_qk, block.head_dim) + min(r_ov, block.v_dim))
+        return LayerRecord(node=node_label(lin.node), op=lin.node.op, shape=[kin, kout], decision="pruned",
+                           reason=f"fused QKV: QK head dimension {min(r_qk, block.head_dim)}/{block.head_dim}, "
+                           f"OV {min(r_ov, block.v_dim)}/{block.v_dim} ({reason})",
+                           weight=new.fused.lin.node.inputs[1].name, params_before=kin * kout, params_after=after,
+                           method="heads", info={"heads": block.heads, "fused": True})
+
+    def reserved(self) -> frozenset[str]:
+        """Fused QKV weights: reduced by heads only (a low-rank QKV weight and a reduced head could
+        not both be written; the planner prices the head choices)."""
+        return frozenset(node_label(pr.block.fused.lin.node) for pr in self.pairs.values() if pr.block.fused)
 
 
 def measure_errors(original: onnx.ModelProto, new: onnx.ModelProto, rows: list[dict], feeds: list[dict],

@@ -169,7 +169,8 @@ def _attention(run: _Run) -> None:
 
 
 def _analyze(run: _Run) -> None:
-    run.reanalyze(analyze(run.model, run.config, skip=frozenset(r.node for r in run.pruned)))
+    reserved = run.pairs.reserved() if run.pairs else frozenset()
+    run.reanalyze(analyze(run.model, run.config, skip=frozenset(r.node for r in run.pruned) | reserved))
     run.mark("analyze")
     a = run.analysis
     if not a.candidates and not a.declines and not run.pruned and not (run.pairs and run.pairs.pairs):
@@ -434,7 +435,7 @@ def _prune_chosen(run: _Run, model: onnx.ModelProto):
         run.pruning["pairs"] = rows["mlp"]
     if "attention" in rows:
         run.attention["pairs"] = rows["attention"]
-    return pmodel, analyze(pmodel, run.config, skip=frozenset(r.node for r in run.pruned))
+    return pmodel, analyze(pmodel, run.config, skip=frozenset(r.node for r in run.pruned) | pairs.reserved())
 
 
 def _plan_sizes(run: _Run):

@@ -50,6 +50,10 @@ class Sites:
     def pruned_labels(self, widths: dict[str, int]) -> frozenset[str]:
         return frozenset().union(*(k.pruned_labels(widths) for k in self.kinds.values()))
 
+    def reserved(self) -> frozenset[str]:
+        """Node labels no low-rank form may take while these sites are priced (fused QKV weights)."""
+        return frozenset().union(*(k.reserved() for k in self.kinds.values() if hasattr(k, "reserved")))
+
     def prune(self, model: onnx.ModelProto, widths: dict[str, int], *, reason: str | dict[str, str],
               progress: bool = False) -> tuple[onnx.ModelProto, list, dict[str, list[dict]]]:
         """``model`` with every kind's chosen sizes written; the records, and the report rows by

@@ -30,7 +30,10 @@ pytestmark = pytest.mark.torch
 D, HEADS, T = 32, 4, 10
 
 
-def _module(bias: bool = True, fused: bool = False, mask: bool = True, cross: bool = False):
+def _module(bias: bool = True, fused: str | None = None, mask: bool = True, cross: bool = False):
+    """``fused``: None (three projections), "chunk" (``qkv(x).chunk(3)``: Slices with computed
+    ends), "split" (``qkv(x).split(D)``: a Split), "5d" (``qkv(x).reshape(b, t, 3, H, d).permute(2, 0,
+    3, 1, 4)``, as timm, SVTR and PaddleOCR write it)."""
     import torch
     from torch import nn
 
@@ -52,11 +55,17 @@ def _module(bias: bool = True, fused: bool = False, mask: bool = True, cross: bo
 
         def forward(self, x, m):
             mem = x.flip(1) * 0.5 + 1.0 if cross else x  # cross-attention: keys and values from another input
-            if fused:
-                q, k, v = self.qkv(x).chunk(3, dim=-1)
+            if fused == "5d":
+                qkv = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, self.h, self.hd).permute(2, 0, 3, 1, 4)
+                q, k, v = qkv[0], qkv[1], qkv[2]
             else:
-                q, k, v = self.q(x), self.k(mem), self.v(mem)
-            q, k, v = self.split(q), self.split(k), self.split(v)
+                if fused == "chunk":
+                    q, k, v = self.qkv(x).chunk(3, dim=-1)
+                elif fused == "split":
+                    q, k, v = self.qkv(x).split(D, dim=-1)
+                else:
+                    q, k, v = self.q(x), self.k(mem), self.v(mem)
+                q, k, v = self.split(q), self.split(k), self.split(v)
             s = q @ k.transpose(-1, -2) / math.sqrt(self.hd)
             if mask:
                 s = s + (1.0 - m[:, None, None, :]) * -10000.0
@@ -168,6 +177,42 @@ def _tensor(model, feed, names):
         return run(p, feed)
 
 
+@pytest.mark.parametrize("layout", ["split", "5d"])
+@pytest.mark.parametrize("how", ["11", "17"])
+def test_fused_qkv_is_found_and_reduced_with_qk_and_ov_apart(tmp_path, layout, how):
+    path = _export(tmp_path, how, fused=layout)
+    model = onnx.load(path)
+    feed = _feed(8, 1)
+    sites = _sites(model, feed)
+    assert len(sites.pairs) == 2, sites.reasons
+    pr = next(iter(sites.pairs.values()))
+    assert pr.block.fused is not None and pr.block.fused.layout == layout
+    new, _ = _reduce(model, sites, {"qk": D // HEADS, "ov": D // HEADS})
+    check = _feed(4, 5)
+    np.testing.assert_allclose(run(save(new, tmp_path / "full.onnx"), check)["y"], run(path, check)["y"], rtol=1e-4,
+                               atol=1e-4)
+    new, fits = _reduce(model, _sites(model, feed), {"qk": 3, "ov": 6}, damping=0.0)
+    g = gs.import_onnx(new)
+    qkv = next(n for n in g.nodes if n.op == "MatMul" and isinstance(n.inputs[1], gs.Constant))
+    assert qkv.inputs[1].values.shape == (D, HEADS * (3 + 3 + 6))
+    y = run(save(new, tmp_path / "r.onnx"), check)["y"]
+    assert y.shape == (4, T, D) and np.all(np.isfinite(y))
+    blocks, why = find_blocks(g, ConstantResolver(g), list(g.nodes))  # a reduced model is found again
+    assert len(blocks) == 1 and (blocks[0].head_dim, blocks[0].v_dim) == (3, 6), why
+
+
+def test_fused_qkv_compiles_under_auto_with_one_record_for_the_weight(tmp_path):
+    src = _export(tmp_path, "17", fused="5d")
+    res = lrcompile.compile(src, tmp_path / "f.onnx", calib=str(_calib(tmp_path)), attention="auto", params=0.6,
+                            mask_input="mask", multiple=1, inputs=str(_calib(tmp_path, seed=3)))
+    assert res.status == "PASSED"
+    qkv = [r for r in res.layers if r.info and r.info.get("fused")]
+    assert len(qkv) <= 1 and all(r.params_after < r.params_before for r in qkv)
+    assert not any(r.decision == "factorized" and r.node == (qkv[0].node if qkv else "") for r in res.layers)
+    assert res.report["totals"]["params_after"] <= 0.62 * res.report["totals"]["params_before"] \
+        if "totals" in res.report else True
+
+
 def test_cross_attention_uses_both_inputs_grams_and_is_exact_at_full(tmp_path):
     path = _export(tmp_path, "17", cross=True)
     model = onnx.load(path)
@@ -250,10 +295,10 @@ def test_scale_and_every_shape_follow_the_new_head_dimension(tmp_path):
 
 
 def test_fused_qkv_and_a_changed_probability_path_are_declined_with_reasons(tmp_path):
-    model = onnx.load(_export(tmp_path, "17", fused=True))
+    model = onnx.load(_export(tmp_path, "17", fused="chunk"))  # Slices whose ends are computed from a Shape
     sites = AttentionSites.find(model, CompileConfig())
     assert not sites.pairs
-    assert any("Split" in r or "Slice" in r or "projection" in r for r in sites.reasons.values()), sites.reasons
+    assert "fused QKV projection sliced" in next(iter(sites.reasons.values()))
     # a hand-built near-miss: the probabilities are scaled before the context MatMul (rows no longer sum to one)
     model = onnx.load(_export(tmp_path, "17"))
     g = model.graph
