@@ -366,3 +366,19 @@ def test_default_output_has_no_attention_section(tmp_path):
     src = _export(tmp_path, "17")
     res = lrcompile.compile(src, tmp_path / "d.onnx", ratio=0.5, min_params=0)
     assert "attention" not in res.report
+
+
+@pytest.mark.parametrize("extra", [dict(sequential=True), pytest.param(
+    dict(distill="CALIB", distill_epochs=1, distill_batch=4), marks=pytest.mark.slow)])
+def test_auto_composes_with_sequential_and_distill(tmp_path, extra):
+    import importlib.util
+
+    if "distill" in extra and importlib.util.find_spec("onnx2torch") is None:
+        pytest.skip("--distill needs onnx2torch (lrcompile[fisher])")
+    src = _export(tmp_path, "17")
+    calib = str(_calib(tmp_path))
+    extra = {k: (calib if v == "CALIB" else v) for k, v in extra.items()}
+    res = lrcompile.compile(src, tmp_path / "c.onnx", calib=calib, attention="auto", params=0.5, mask_input="mask",
+                            multiple=1, inputs=str(_calib(tmp_path, seed=3)), **extra)
+    assert res.status == "PASSED"
+    assert res.report["attention"]["pairs"] and all(r.decision == "pruned" for r in res.layers if r.method == "heads")
