@@ -161,7 +161,8 @@ class CompileConfig:
                        doc="Without it the original and the compressed model run in ONNX Runtime and are compared.")
     tolerance: float | None = opt(None, "Fail if any output's relative L2 error exceeds this.", doc="Exit code 3.")
     min_cosine: float | None = opt(None, "Fail if any output's cosine falls below this.")
-    inputs: str | None = opt(None, "Verification inputs: .npz or Polygraphy JSON.", metavar="PATH",
+    inputs: str | None = opt(None, "Verification inputs: .npz, Polygraphy JSON, or a Polygraphy data-loader "
+                             "script (loader.py[:func], func default load_data).", metavar="PATH",
                              doc="Default: seeded random inputs.")
     dims: dict[str, int] = opt({}, "Value of a dynamic input dimension (repeatable).", flag="--dim", multiple=True,
                                metavar="NAME=INT", example="--dim batch=4 --dim sequence=128")
