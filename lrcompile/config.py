@@ -166,6 +166,11 @@ class CompileConfig:
                              doc="Default: seeded random inputs.")
     dims: dict[str, int] = opt({}, "Value of a dynamic input dimension (repeatable).", flag="--dim", multiple=True,
                                metavar="NAME=INT", example="--dim batch=4 --dim sequence=128")
+    plugins: bool = opt(False, "Emit each fused chain as a call to an ONNX model-local function in domain "
+                        "lrcompile (op = plugin name, body = the plain subgraph).",
+                        section="Output and TensorRT",
+                        doc="ONNX Runtime runs the body; TensorRT inlines it, or runs the lrcompile plugin where it "
+                            "is registered (docs/plugins.md). Without it the output is byte-identical to before.")
     external_data: bool | None = opt(None, "Force external data on/off.", flag="--external-data/--no-external-data",
                                      section="Output and TensorRT",
                                      doc="Default: external when the weights are too large for one protobuf file.")

@@ -79,6 +79,7 @@ class _Run:
     distill_info: dict | None = None
     result: CompileResult | None = None
     notes: list[str] = field(default_factory=list)  # for the report: what _load changed or chose
+    plugins: dict | None = None  # --plugins: the function calls written (engine.functions.Fused)
 
     def mark(self, name: str) -> None:
         self.t[name] = time.perf_counter()
@@ -172,6 +173,11 @@ def _factorize(run: _Run) -> None:
         raise LrcError(f"{run.src}: every candidate was declined ({_decline_summary(run.records)}); "
                        + _decline_advice(run.records))
     run.new = export(run.analysis.graph, run.model, run.ctx.sparse)
+    if run.config.plugins:
+        from .engine.functions import emit_functions
+
+        run.new, fused = emit_functions(run.new)
+        run.plugins = fused.to_dict()
     run.mark("rewrite")
 
 
@@ -330,6 +336,8 @@ def _write_files(run: _Run) -> None:
         result.report["plan"] = run.plan_info
         result.report["mlp_pruning"] = run.pruning
         result.report["distillation"] = run.distill_info
+        if run.plugins is not None:
+            result.report["plugins"] = run.plugins
         if ok:
             result.report = _relocate(result.report, tmp, out.parent)
             result.output, result.files = out, [out.parent / f.name for f in files]
