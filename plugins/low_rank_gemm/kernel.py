@@ -101,3 +101,12 @@ def low_rank_gemm(x, a, c, *, out=None, **tiles):
     _low_rank_gemm[grid](x2, a, c, y, m, k, r, n, x2.stride(0), x2.stride(1), a.stride(0), a.stride(1),
                          c.stride(0), c.stride(1), y.stride(0), y.stride(1), **cfg)
     return y.reshape(*x.shape[:-1], n)
+
+
+@triton.jit
+def low_rank_gemm_aot(x_ptr, a_ptr, c_ptr, M, K, R, N, y_ptr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The entry TensorRT's ahead-of-time plugin launches: its arguments in the order TensorRT passes
+    them (input pointers, the extra scalars, output pointers), tensors contiguous (LINEAR)."""
+    _low_rank_gemm(x_ptr, a_ptr, c_ptr, y_ptr, M, K, R, N, K, 1, R, 1, N, 1, N, 1,
+                   BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, False)

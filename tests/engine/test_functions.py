@@ -16,24 +16,11 @@ import pytest
 from onnx import helper
 
 import lrcompile
-from helpers import make_model, run, save, trained_like, vi
+from helpers import make_model, plugin_mlp, run, trained_like, vi
 from lrcompile.engine.functions import body, emit_functions
 from lrcompile.plugins import CONTRACTS, LOW_RANK_GEMM, LOW_RANK_SPARSE_GEMM
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _mlp(tmp: Path) -> Path:
-    """MatMul -> Relu -> MatMul -> Gemm with a bias (the Gemm chain keeps its bias: left plain)."""
-    w1, w2, w3 = trained_like(64, 96, seed=1), trained_like(96, 80, seed=2), trained_like(80, 24, seed=3)
-    b3 = np.linspace(-1, 1, 24).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
-             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
-             helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="fc2"),
-             helper.make_node("Gemm", ["h2", "w3", "b3"], ["y"], name="head")]
-    m = make_model(nodes, [vi("x", ["batch", 64])], [vi("y", ["batch", 24])],
-                   [("w1", w1), ("w2", w2), ("w3", w3), ("b3", b3)])
-    return save(m, tmp / "mlp.onnx")
 
 
 def _feeds(n: int = 5) -> dict:
@@ -43,7 +30,7 @@ def _feeds(n: int = 5) -> dict:
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fn")
-    src = _mlp(tmp)
+    src = plugin_mlp(tmp)
     plain = lrcompile.compile(src, tmp / "plain.onnx", ratio=0.5, min_params=0)
     fused = lrcompile.compile(src, tmp / "fused.onnx", ratio=0.5, min_params=0, plugins=True)
     return src, plain, fused
@@ -84,7 +71,7 @@ def test_calls_equal_the_plain_rewrite_in_ort(compiled):
 
 
 def test_lowrank_sparse_chain_is_one_call(tmp_path):
-    src = _mlp(tmp_path)
+    src = plugin_mlp(tmp_path)
     kw = dict(ratio=0.5, min_params=0, form="lowrank+sparse", sparse_pattern="unstructured")
     plain = lrcompile.compile(src, tmp_path / "plain.onnx", **kw)
     fused = lrcompile.compile(src, tmp_path / "fused.onnx", plugins=True, **kw)
@@ -164,6 +151,10 @@ def test_tensorrt_rtx_builds_an_engine_from_the_functions(compiled, tmp_path):
 
 @pytest.mark.trt
 def test_compile_target_trt_with_plugins(tmp_path):
-    src = _mlp(tmp_path)
+    src = plugin_mlp(tmp_path)
     res = lrcompile.compile(src, tmp_path / "m.lr.onnx", ratio=0.5, min_params=0, plugins=True, target="trt")
     assert res.status == "PASSED" and res.target["engine"]["engine_bytes"] > 10_000
+    info = res.target["engine"]["plugins"]
+    assert info["calls"] == ["LowRankGemm"]
+    if res.target["engine"]["backend"] == "tensorrt_rtx":  # no plugin layers there: the bodies inlined
+        assert info["registered"] == [] and info["inlined"] == ["LowRankGemm"] and "rejects" in info["why"]

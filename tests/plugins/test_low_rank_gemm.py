@@ -82,3 +82,19 @@ def test_mismatched_inputs_are_refused():
         low_rank_gemm(_t(x, torch.float32), _t(a, torch.float16), _t(c, torch.float32))
     with pytest.raises(ValueError, match="do not chain"):
         low_rank_gemm(_t(x, torch.float32), _t(a.T.copy(), torch.float32), _t(c, torch.float32))
+
+
+def test_the_tensorrt_entry_point_takes_tensorrt_s_argument_order():
+    """``low_rank_gemm_aot`` (what the AOT plugin launches: inputs, the scalars M K R N, output;
+    contiguous tensors) computes the same as the reference."""
+    import triton
+
+    from lrcompile.plugins.low_rank_gemm.kernel import low_rank_gemm_aot
+
+    m, k, r, n = 37, 50, 13, 70
+    x, a, c = _factors(m, k, r, n, seed=6)
+    xt, at, ct = (_t(v, torch.float32) for v in (x, a, c))
+    y = torch.empty((m, n), dtype=torch.float32, device=DEVICE)
+    low_rank_gemm_aot[(triton.cdiv(m, 16),)](xt, at, ct, m, k, r, n, y, BLOCK_M=16, BLOCK_K=32, BLOCK_N=32,
+                                              BLOCK_R=16)
+    np.testing.assert_allclose(y.cpu().numpy(), reference(x, a, c), rtol=1e-5, atol=1e-5)
