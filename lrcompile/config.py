@@ -246,6 +246,9 @@ class CompileConfig:
     latency_batches: tuple[int, ...] = opt((1, 16), "Batch sizes latency-aware timing uses.",
                                            doc="Each must be faster factorized.")
     timing_cache: str | None = opt(None, "Timing cache file (default: ~/.cache/lrcompile/timings.json; 'none': off).")
+    latency_backend: str = opt("auto", "What times the layers: {choices}; auto: TensorRT engines for --target trt "
+                               "where TensorRT and a GPU are present, else ONNX Runtime.", choices=("auto", "ort", "trt"),
+                               doc="See ``lrcompile.latency`` (OrtTiming, TrtTiming).")
 
     def __post_init__(self) -> None:
         for f in fields(self):  # frozen: each value set once, here
