@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             xn, an, cn, sn = (v.cpu().numpy() for v in (x, a16, c16, s16))
             y_lr = low_rank_gemm(x, a16, c16)
             y_lrs = low_rank_sparse_gemm(x, a16, c16, tiles)
-            e_lr, e_lrs = rel_l2(y_lr.cpu().numpy(), lr_ref(xn, an, cn)), rel_l2(y_lrs.cpu().numpy(), lrs_ref(xn, an, cn, sn))
+            e_lr = rel_l2(y_lr.cpu().numpy(), lr_ref(xn, an, cn))
+            e_lrs = rel_l2(y_lrs.cpu().numpy(), lrs_ref(xn, an, cn, sn))
             worst = max(worst, e_lr, e_lrs)
             row = {"shape": label, "K": k, "N": n, "rank": r, "batch": b, "density": DENSITY,
                    "rel_l2_lowrankgemm": e_lr, "rel_l2_lowranksparsegemm": e_lrs,

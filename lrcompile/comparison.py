@@ -278,7 +278,8 @@ def judge_pair(results, opts: CompareOptions) -> tuple[list[dict], dict]:
         per = [it[name] for it in iters]
         stats = {k: _worst([getattr(p, k, None) for p in per]) for k in
                  ("max_absdiff", "max_reldiff", "mean_absdiff", "mean_reldiff", "median_absdiff", "median_reldiff")}
-        outputs.append({"name": name, "shape": list(d["shape"]), "polygraphy": {**stats, "passed": all(bool(p) for p in per)},
+        outputs.append({"name": name, "shape": list(d["shape"]),
+                        "polygraphy": {**stats, "passed": all(bool(p) for p in per)},
                         **{k: d[k] for k in ("max_abs", "max_rel", "rel_l2", "cosine", "sample_cosine_min")}})
     verdict = judge(diffs, tolerance=opts.tolerance, min_cosine=opts.min_cosine).to_dict()
     poly_failed = [o["name"] for o in outputs if not o["polygraphy"]["passed"]]

@@ -520,11 +520,11 @@ class OrtTiming:
 
 class TrtTiming:
     """The timing backend of TensorRT: each variant an engine built by Polygraphy's loaders
-    (``EngineFromNetwork(NetworkFromOnnxPath(...))``, one optimization profile at the feed's
-    shapes) and run by its ``TrtRunner`` on inputs already on the device; a run is one inference
-    and its synchronisation; the profile spans the shapes of every batch. Needs the full ``tensorrt`` package and a GPU (:meth:`unavailable`);
-    imported only here. UNVERIFIED: no GPU ran it where it was written; its logic is the ORT
-    backend's (same :func:`time_layers`), which the tests run."""
+    (``EngineFromNetwork(NetworkFromOnnxPath(...))``, one optimization profile spanning the shapes
+    of every batch) and run by its ``TrtRunner`` on inputs already on the device; a run is one
+    inference and its synchronisation. Needs the full ``tensorrt`` package and a GPU
+    (:meth:`unavailable`); imported only here. UNVERIFIED: no GPU ran it where it was written;
+    its logic is the ORT backend's (same :func:`time_layers`), which the tests run."""
 
     name = "tensorrt"
 

@@ -159,7 +159,8 @@ def _match_low_rank_sparse(g: _Graph, label: str) -> tuple[list[onnx.NodeProto],
 
 
 #: Form name -> (plugin contract, matcher)
-PATTERNS = {"lowrank": (LOW_RANK_GEMM, _match_low_rank), "lowrank+sparse": (LOW_RANK_SPARSE_GEMM, _match_low_rank_sparse)}
+PATTERNS = {"lowrank": (LOW_RANK_GEMM, _match_low_rank),
+            "lowrank+sparse": (LOW_RANK_SPARSE_GEMM, _match_low_rank_sparse)}
 
 
 #: The name suffix of each form's last chain node (``RewriteContext.node``: ``{label}/{suffix}``).

@@ -158,3 +158,19 @@ def test_compile_target_trt_with_plugins(tmp_path):
     assert info["calls"] == ["LowRankGemm"]
     if res.target["engine"]["backend"] == "tensorrt_rtx":  # no plugin layers there: the bodies inlined
         assert info["registered"] == [] and info["inlined"] == ["LowRankGemm"] and "rejects" in info["why"]
+
+
+@pytest.mark.trt
+def test_fp16_engine_from_a_plugins_model(tmp_path):
+    """--fp16 inlines the functions before converting (the converter does not enter function
+    bodies); the inlined nodes are unnamed, which made the converter's Cast names collide."""
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
+             helper.make_node("Add", ["q", "k"], ["y"], name="add")]
+    m = make_model(nodes, [vi("x", ["batch", 64])], [vi("y", ["batch", 48])],
+                   [("wq", trained_like(64, 48, seed=4)), ("wk", trained_like(64, 48, seed=5))])
+    src = tmp_path / "qk.onnx"
+    onnx.save(m, str(src))
+    res = lrcompile.compile(src, tmp_path / "m.lr.onnx", ratio=0.5, min_params=0, plugins=True, target="trt",
+                            fp16=True)  # two calls read x: their inlined, unnamed MatMuls got Casts of one name
+    assert res.status == "PASSED" and res.target["engine"]["engine_bytes"] > 10_000
