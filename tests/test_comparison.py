@@ -159,3 +159,22 @@ def test_api_facade(pair):
     assert cmp.status == "PASSED" and cmp.to_dict()["polygraphy_commands"]
     with pytest.raises(lrcompile.LrcError, match="unknown compare option"):
         lrcompile.compare(src, out, ratio=0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_minilm_same_verdict_as_the_compile(tmp_path):
+    """The real test-bed transformer (MiniLM-L6, --fast build): compile with --plugins on its eval
+    inputs, then compare on the same file: the same error, the same verdict either side of it."""
+    build = tmp_path / "minilm"
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, str(ROOT / "models" / "build.py"), "minilm-l6", "--out", str(build), "--fast"],
+                   check=True, capture_output=True, env=env)
+    src, inputs = build / "model.onnx", str(build / "eval.npz")
+    res = lrcompile.compile(src, tmp_path / "m.lr.onnx", calib=str(build / "calib.npz"), ratio=0.5, only="MatMul",
+                            plugins=True, inputs=inputs)
+    rel = res.verification[0]["rel_l2"]
+    for tol, want in ((rel * 1.05, "PASSED"), (rel * 0.95, "FAILED")):
+        cmp = compare_models(src, res.output, CompareOptions(inputs=inputs, tolerance=tol, repeats=0))
+        assert cmp.status == want
+        assert cmp.runners[0].outputs[0]["rel_l2"] == pytest.approx(rel, rel=1e-6)
