@@ -61,8 +61,8 @@ class CompareOptions:
         trt: run the TensorRT runner (None: where tensorrt imports and a GPU is present; True: a
             user error when it cannot).
         warmup, repeats: latency runs per model and runner (default 5 and 50; repeats 0: no timing).
-        save_inputs: write the inputs used as a Polygraphy JSON input file (the printed lines load it).
-        outputs_path: where the printed lines save the original's outputs (default: beside save_inputs).
+        save_inputs: write the inputs used as a Polygraphy JSON input file (the printed lines load
+            it, and save the original's outputs beside it).
     """
 
     inputs: str | None = None
@@ -107,10 +107,6 @@ class RunnerResult:
     outputs: list[dict] = field(default_factory=list)
     verdict: dict = field(default_factory=dict)
     latency: dict | None = None
-
-    @property
-    def failed(self) -> bool:
-        return self.verdict.get("status") == "FAILED"
 
 
 @dataclass

@@ -178,3 +178,17 @@ def test_minilm_same_verdict_as_the_compile(tmp_path):
         cmp = compare_models(src, res.output, CompareOptions(inputs=inputs, tolerance=tol, repeats=0))
         assert cmp.status == want
         assert cmp.runners[0].outputs[0]["rel_l2"] == pytest.approx(rel, rel=1e-6)
+
+
+def test_asking_for_tensorrt_where_it_cannot_run_is_one_line(pair):
+    from lrcompile.comparison import trt_available
+
+    why = trt_available()
+    if why is None:
+        pytest.skip("TensorRT runs here")
+    src, out, _, _ = pair
+    r = CliRunner().invoke(main, ["compare", str(src), str(out), "--trt", "--repeats", "0"])
+    assert r.exit_code == 2 and "--trt: TensorRT cannot run here" in r.output and "Traceback" not in r.output
+    # without --trt the TensorRT runner is skipped with its reason, and the rest runs
+    r = CliRunner().invoke(main, ["compare", str(src), str(out), "--repeats", "0"])
+    assert r.exit_code == 0 and "trt runner skipped" in r.output
