@@ -5,6 +5,8 @@ Python API (the same options as the CLI)::
     import lrcompile
     res = lrcompile.compile("model.onnx", "model.lr.onnx", target="onnx", ratio=0.5, tolerance=0.05)
     res.report["totals"], res.verification
+    cmp = lrcompile.compare("model.onnx", "model.lr.onnx", tolerance=0.05)
+    cmp.status, cmp.commands
 """
 from __future__ import annotations
 
@@ -40,4 +42,24 @@ def inspect(model, *, ratio: float | None = None, min_params: int | None = None)
     return inspect_model(model, ratio=ratio, min_params=min_params)
 
 
-__all__ = ["LrcError", "VerificationFailed", "compile", "inspect", "__version__"]
+def compare(original, compressed, **options):
+    """Compare ``compressed`` with ``original`` through Polygraphy's runners and comparator (the
+    ``lrcompile compare`` command): returns a ``lrcompile.comparison.Comparison`` (``status`` PASSED,
+    FAILED or UNVERIFIED, per runner and output the accuracy and verdict, latency, the equivalent
+    ``polygraphy run`` lines). Options are ``lrcompile.comparison.CompareOptions`` fields (``inputs``,
+    ``seed``, ``dims``, ``tolerance``, ``min_cosine``, ``atol``, ``rtol``, ``check_error_stat``,
+    ``trt``, ``warmup``, ``repeats``, ``save_inputs``); None means the default. Never raises on
+    FAILED: read ``status``."""
+    from .comparison import CompareOptions, compare_models
+    from .config import coerce
+
+    known = set(CompareOptions.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise LrcError(f"unknown compare option(s) {unknown}; known: {sorted(known)}")
+    if options.get("dims") is not None:
+        options["dims"] = coerce("dims", options["dims"])
+    return compare_models(original, compressed, CompareOptions(**options))
+
+
+__all__ = ["LrcError", "VerificationFailed", "compare", "compile", "inspect", "__version__"]

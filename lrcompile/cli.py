@@ -197,6 +197,7 @@ def main() -> None:
     \b
     lrcompile model.onnx --target trt --ratio 0.5      compile (default command)
     lrcompile inspect model.onnx                      candidates and spectra, writes nothing
+    lrcompile compare model.onnx model.lr.onnx        both models through Polygraphy: accuracy, latency
     """
 
 
@@ -322,6 +323,74 @@ def inspect_cmd(model, ratio, min_params, as_json, verbose, quiet):
         click.echo(to_json(rows) if as_json else inspect_table(rows))
 
     _run(go, "inspect")
+
+
+@main.command("compare")
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("compressed", type=click.Path(path_type=Path))
+@config_options("inputs", "dims", "seed", "tolerance", "min_cosine")
+@click.option("--atol", type=float, help="Polygraphy's absolute tolerance; with --rtol / --check-error-stat its "
+              "check decides too (default: reported at Polygraphy's 1e-5, not judged).")
+@click.option("--rtol", type=float, help="Polygraphy's relative tolerance (relative to the original's output).")
+@click.option("--check-error-stat", type=click.Choice(["elemwise", "max", "mean", "median", "quantile"]),
+              help="Polygraphy's error statistic checked against the tolerances (its default: elemwise).")
+@click.option("--trt/--no-trt", default=None, help="Also compare and time with Polygraphy's TensorRT runner "
+              "(default: where tensorrt imports and a GPU is present).")
+@click.option("--warmup", type=int, help="Untimed runs per model and runner (default 5).")
+@click.option("--repeats", type=int, help="Timed runs per model and runner, interleaved (default 50; 0: no timing).")
+@click.option("--save-inputs", type=click.Path(path_type=Path), help="Write the inputs used as a Polygraphy JSON "
+              "input file (the printed polygraphy lines load it).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the comparison as JSON here.")
+@log_options
+def compare_cmd(original, compressed, inputs, dims, seed, tolerance, min_cosine, atol, rtol, check_error_stat, trt,
+                warmup, repeats, save_inputs, json_path, verbose, quiet):
+    """Compare COMPRESSED with ORIGINAL on the same inputs through Polygraphy's runners and comparator:
+    per output accuracy (Polygraphy's statistics and tolerances, and the compile's verdict rule), the
+    latency of both per runner, and the equivalent `polygraphy run` lines. Exit code 3 on FAILED."""
+    _setup_logging(verbose, quiet)
+
+    def go():
+        from .comparison import CompareOptions, compare_models, comparison_table
+        from .report import to_json
+
+        if json_path is not None:
+            if Path(json_path).suffix != ".json":
+                raise LrcError(f"--json {json_path}: use a .json path")
+            _check_writable(Path(json_path), "--json")
+        if save_inputs is not None:
+            _check_writable(Path(save_inputs), "--save-inputs")
+        opts = CompareOptions(inputs=coerce("inputs", inputs), dims=coerce("dims", dims), seed=seed,
+                              tolerance=tolerance, min_cosine=min_cosine, atol=atol, rtol=rtol,
+                              check_error_stat=check_error_stat, trt=trt, warmup=warmup, repeats=repeats,
+                              save_inputs=str(save_inputs) if save_inputs is not None else None)
+        res = compare_models(original, compressed, opts)
+        if not quiet:
+            src = res.inputs["source"]
+            click.echo(f"inputs: {src} ({res.inputs['batches']} batch(es): "
+                       + ", ".join(f"{k} {'x'.join(map(str, v['shape']))} {v['dtype']}"
+                                   for k, v in res.inputs["inputs"].items()) + ")")
+            click.echo(comparison_table(res))
+            for kind, why in res.skipped.items():
+                click.echo(f"\n{kind} runner skipped: {why}")
+            click.echo(f"\nrule: {res.rule}")
+            click.echo("\nthe same comparison with Polygraphy" + ("" if save_inputs or (inputs and not str(inputs)
+                       .endswith(".npz")) else " (pass --save-inputs INPUTS.json to write the inputs these lines load)")
+                       + ":")
+            for line in res.commands:
+                click.echo("  " + line)
+        for r in res.runners:
+            for o in r.verdict["outputs"]:
+                if o["status"] != "passed":
+                    for why in o["reasons"]:
+                        click.echo(f"{r.runner}: {o['status']}: {why}")
+        if json_path is not None:
+            _write_text(Path(json_path), to_json(res.to_dict()), "--json")
+        click.echo(res.status)
+        if res.status == "FAILED":
+            sys.exit(VerificationFailed.exit_code)
+        return res
+
+    _run(go, "compare")
 
 
 @main.command("bench")

@@ -21,7 +21,8 @@ HEADER = """\
 lrcompile/config.py and lrcompile/cli.py; edit those, not this file (a test checks it is current). -->
 
 `lrcompile MODEL [options]` compiles (`compile` is the default command); `lrcompile inspect MODEL`
-shows the candidates and writes nothing; `lrcompile bench TARGET -o OUT` measures configurations.
+shows the candidates and writes nothing; `lrcompile compare ORIGINAL COMPRESSED` compares two models through
+Polygraphy; `lrcompile bench TARGET -o OUT` measures configurations.
 
 Every `compile` option is also a keyword of `lrcompile.compile(model, output, **options)` and a key
 of the report's `config` (replayed by `--config report.json`); its name is given after the flag.
@@ -81,7 +82,7 @@ def render() -> str:
     """The whole page."""
     blocks = [HEADER]
     root = click.Context(main, info_name="lrcompile", **main.context_settings)
-    for name in ("compile", "inspect", "bench"):
+    for name in ("compile", "inspect", "compare", "bench"):
         cmd = main.commands[name]
         ctx = click.Context(cmd, info_name=name, parent=root)
         blocks.append(f"## lrcompile {name}\n\n```\n{cmd.get_usage(ctx)}\n```\n\n{_md(_help(cmd))}\n")

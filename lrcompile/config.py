@@ -161,10 +161,16 @@ class CompileConfig:
                        doc="Without it the original and the compressed model run in ONNX Runtime and are compared.")
     tolerance: float | None = opt(None, "Fail if any output's relative L2 error exceeds this.", doc="Exit code 3.")
     min_cosine: float | None = opt(None, "Fail if any output's cosine falls below this.")
-    inputs: str | None = opt(None, "Verification inputs: .npz or Polygraphy JSON.", metavar="PATH",
+    inputs: str | None = opt(None, "Verification inputs: .npz, Polygraphy JSON, or a Polygraphy data-loader "
+                             "script (loader.py[:func], func default load_data).", metavar="PATH",
                              doc="Default: seeded random inputs.")
     dims: dict[str, int] = opt({}, "Value of a dynamic input dimension (repeatable).", flag="--dim", multiple=True,
                                metavar="NAME=INT", example="--dim batch=4 --dim sequence=128")
+    plugins: bool = opt(False, "Emit each fused chain as a call to an ONNX model-local function in domain "
+                        "lrcompile (op = plugin name, body = the plain subgraph).",
+                        section="Output and TensorRT",
+                        doc="ONNX Runtime runs the body; TensorRT inlines it, or runs the lrcompile plugin where it "
+                            "is registered (docs/plugins.md). Without it the output is byte-identical to before.")
     external_data: bool | None = opt(None, "Force external data on/off.", flag="--external-data/--no-external-data",
                                      section="Output and TensorRT",
                                      doc="Default: external when the weights are too large for one protobuf file.")
@@ -251,6 +257,9 @@ class CompileConfig:
     latency_batches: tuple[int, ...] = opt((1, 16), "Batch sizes latency-aware timing uses.",
                                            doc="Each must be faster factorized.")
     timing_cache: str | None = opt(None, "Timing cache file (default: ~/.cache/lrcompile/timings.json; 'none': off).")
+    latency_backend: str = opt("auto", "What times the layers: {choices}; auto: TensorRT engines for --target trt "
+                               "where TensorRT and a GPU are present, else ONNX Runtime.", choices=("auto", "ort", "trt"),
+                               doc="See ``lrcompile.latency`` (OrtTiming, TrtTiming).")
 
     def _check_attention(self) -> None:
         a = self.attention

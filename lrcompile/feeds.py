@@ -327,11 +327,31 @@ def check_runs(runs: Runner | None, feeds_list: list[dict[str, np.ndarray]], sou
                            f"before any compression: {error}; pass inputs it accepts with --inputs")
 
 
+#: The function a data-loader script defines when its path names none (Polygraphy's default).
+LOADER_FUNC = "load_data"
+
+
+def split_script(path: str | Path) -> tuple[Path, str] | None:
+    """``(script, function)`` for a Polygraphy data-loader script spec (``loader.py`` or
+    ``loader.py:make_feeds``); None for any other path."""
+    text = str(path)
+    head, sep, func = text.rpartition(":")
+    if sep and head.endswith(".py") and func.isidentifier():
+        return Path(head), func
+    return (Path(text), LOADER_FUNC) if text.endswith(".py") else None
+
+
 def load_feeds(path: str | Path) -> list[dict[str, np.ndarray]]:
-    """Load user inputs: an .npz of named arrays, or a Polygraphy JSON input file (list of feed dicts)."""
+    """Load user inputs: an .npz of named arrays, a Polygraphy JSON input file (list of feed dicts),
+    or a Polygraphy data-loader script (``loader.py[:func]``, ``func`` default ``load_data``,
+    returning or yielding feed dicts)."""
+    script = split_script(path)
+    if script is not None:
+        return _script_feeds(*script)
     p = Path(path)
     if not p.is_file():
-        raise LrcError(f"{p}: no such input file; pass an .npz of named arrays or a Polygraphy JSON input file")
+        raise LrcError(f"{p}: no such input file; pass an .npz of named arrays, a Polygraphy JSON input file "
+                       "or a data-loader script (loader.py[:func])")
     if p.suffix == ".npz":
         from .io import load_npz
 
@@ -348,7 +368,24 @@ def load_feeds(path: str | Path) -> list[dict[str, np.ndarray]]:
         if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
             raise LrcError(f"{p}: expected a list of {{input name: array}} dicts (Polygraphy's input format)")
         return [{k: np.asarray(v) for k, v in d.items()} for d in data]
-    raise LrcError(f"{p}: unknown input file type {p.suffix!r}; use .npz or Polygraphy .json")
+    raise LrcError(f"{p}: unknown input file type {p.suffix!r}; use .npz, Polygraphy .json or a loader .py")
+
+
+def _script_feeds(path: Path, func: str) -> list[dict[str, np.ndarray]]:
+    """The feeds a data-loader script's ``func()`` returns or yields, as Polygraphy's
+    ``--data-loader-script`` reads them."""
+    from .io import user_function
+
+    if not path.is_file():
+        raise LrcError(f"{path}: no such data-loader script")
+    fn = user_function(path, func, "--inputs", "it to return or yield {input name: array} dicts")
+    try:
+        feeds = list(fn())
+    except Exception as e:  # noqa: BLE001 - the user's script
+        raise LrcError(f"--inputs {path}: {func}() failed: {type(e).__name__}: {e}") from None
+    if not feeds or not all(isinstance(d, dict) for d in feeds):
+        raise LrcError(f"--inputs {path}: {func}() must return or yield at least one {{input name: array}} dict")
+    return [{k: np.asarray(v) for k, v in d.items()} for d in feeds]
 
 
 def check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:

@@ -492,6 +492,118 @@ def factorized_micro(micro: onnx.ModelProto, rank: int, *, facts: list[Factoriza
 # timing
 
 
+class OrtTiming:
+    """The timing backend of ONNX Runtime: each variant a session (see :func:`_session`).
+
+    A timing backend answers ``name``, ``fingerprint()`` (what its timings depend on: part of
+    every cache key, so two backends never share entries), ``describe()`` (the target in words)
+    and ``load(model, tmp, feeds)`` (something whose ``run(None, feed)`` runs the micro model once
+    on any of ``feeds``, one per batch: what :func:`measure` times). :class:`TrtTiming` is the other one."""
+
+    name = "onnxruntime"
+
+    def __init__(self, providers: list[str] | None = None, threads: int | None = None) -> None:
+        from .sessions import default_providers
+
+        self.providers = list(providers) if providers is not None else default_providers()
+        self.threads = threads
+
+    def fingerprint(self) -> dict:
+        return machine_fingerprint(self.providers)
+
+    def describe(self) -> str:
+        return describe_target(self.providers)
+
+    def load(self, model: onnx.ModelProto, tmp: Path, feeds: list[dict[str, np.ndarray]]):
+        return _session(model, self.providers, tmp, self.threads)
+
+
+class TrtTiming:
+    """The timing backend of TensorRT: each variant an engine built by Polygraphy's loaders
+    (``EngineFromNetwork(NetworkFromOnnxPath(...))``, one optimization profile spanning the shapes
+    of every batch) and run by its ``TrtRunner`` on inputs already on the device; a run is one
+    inference and its synchronisation. Needs the full ``tensorrt`` package and a GPU
+    (:meth:`unavailable`); imported only here. UNVERIFIED: no GPU ran it where it was written;
+    its logic is the ORT backend's (same :func:`time_layers`), which the tests run."""
+
+    name = "tensorrt"
+
+    def __init__(self) -> None:
+        import tensorrt
+
+        self.version = tensorrt.__version__
+
+    @staticmethod
+    def unavailable() -> str | None:
+        """None when TensorRT engines can be built and run here, else why not."""
+        from .comparison import trt_available
+
+        return trt_available()
+
+    def fingerprint(self) -> dict:
+        return {**machine_fingerprint(["CUDAExecutionProvider"]), "backend": self.name, "tensorrt": self.version}
+
+    def describe(self) -> str:
+        fp = self.fingerprint()
+        return f"TensorRT {self.version} on {', '.join(fp['gpu']) or 'a GPU'}"
+
+    def load(self, model: onnx.ModelProto, tmp: Path, feeds: list[dict[str, np.ndarray]]):
+        from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, TrtRunner
+
+        path = tmp / f"trt_{len(list(tmp.iterdir()))}.onnx"
+        onnx.save(model, str(path))
+        prof = Profile()
+        for name in feeds[0]:
+            shapes = np.array([f[name].shape for f in feeds])
+            lo, hi = tuple(int(v) for v in shapes.min(0)), tuple(int(v) for v in shapes.max(0))
+            prof.add(name, min=lo, opt=hi, max=hi)
+        runner = TrtRunner(EngineFromNetwork(NetworkFromOnnxPath(str(path)), config=CreateConfig(profiles=[prof])))
+        runner.activate()
+        return _TrtRun(runner)
+
+
+class _TrtRun:
+    """``run(None, feed)`` on an active ``TrtRunner``, the feed copied to the device once."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self._feed_id, self._device = runner, None, None
+
+    def run(self, _names, feed: dict[str, np.ndarray]):
+        if self._feed_id != id(feed):
+            from polygraphy import cuda
+
+            self._device = {k: cuda.DeviceArray(shape=v.shape, dtype=v.dtype).copy_from(np.ascontiguousarray(v))
+                            for k, v in feed.items()}
+            self._feed_id = id(feed)
+        return self.runner.infer(self._device, copy_outputs_to_host=False)
+
+    def __del__(self) -> None:
+        try:
+            self.runner.deactivate()
+        except Exception:  # noqa: BLE001 - best effort at teardown
+            pass
+
+
+def timing_backend(name: str | None, target: str | None = None):
+    """The timing backend ``name`` (``"ort"``, ``"trt"``; None or ``"auto"``: TensorRT for
+    ``target == "trt"`` where it can run, else ONNX Runtime), or a user error when ``"trt"``
+    cannot run here."""
+    from .errors import LrcError
+
+    if name in (None, "auto"):
+        if target == "trt" and TrtTiming.unavailable() is None:
+            return TrtTiming()
+        return OrtTiming()
+    if name == "ort":
+        return OrtTiming()
+    if name == "trt":
+        why = TrtTiming.unavailable()
+        if why is not None:
+            raise LrcError(f"--latency-backend trt: TensorRT cannot time layers here: {why}; use ort")
+        return TrtTiming()
+    raise LrcError(f"--latency-backend {name!r}: use auto, ort or trt")
+
+
 def _session(model: onnx.ModelProto, providers: list[str], tmp: Path, threads: int | None = None):
     """An ORT session with lrcompile's settings and no thread spinning.
 
@@ -547,8 +659,8 @@ def time_layers(model: onnx.ModelProto, cands: list[Candidate], feeds_by_batch: 
                 ranks_for: dict[str, list[int]], *, providers: list[str] | None = None,
                 cache: TimingCache | None = None, model_sha: str | None = None, repeats: int = 20,
                 progress: bool = False, warmup: int = 2, budget_s: float = 0.25,
-                intra_op_threads: int | None = None, form: str = DEFAULT, form_options: dict | None = None
-                ) -> dict[str, list[LayerTiming]]:
+                intra_op_threads: int | None = None, form: str = DEFAULT, form_options: dict | None = None,
+                backend: OrtTiming | TrtTiming | None = None) -> dict[str, list[LayerTiming]]:
     """Time each candidate, dense and factorized at each of its ranks, for each batch of feeds.
 
     See the module docstring for the method. Measurements found in ``cache`` are not repeated;
@@ -572,21 +684,27 @@ def time_layers(model: onnx.ModelProto, cands: list[Candidate], feeds_by_batch: 
             deployed). 1 gives steadier numbers on a busy machine, but not the deployed ones.
         form: the form the sizes in ``ranks_for`` are in (``lrcompile.forms``), with its
             ``form_options`` (its knobs); its values are random, of its structure.
+        backend: what runs the variants (:class:`OrtTiming` on ``providers`` and
+            ``intra_op_threads`` when None, or :class:`TrtTiming`); its fingerprint keys the cache.
 
     Returns:
         label -> one LayerTiming per batch (in ``feeds_by_batch`` order), ranks ascending.
     """
-    from .sessions import default_providers
-
-    providers = list(providers) if providers is not None else default_providers()
+    backend = backend if backend is not None else OrtTiming(providers, intra_op_threads)
     todo = [c for c in cands if c.activation is not None]
     for c in cands:
         if c.activation is None:
             log.info("%s: no activation input to feed it in isolation; not timed", c.label)
     if not todo or not feeds_by_batch:
         return {}
-    fingerprint = machine_fingerprint(providers)
+    fingerprint = backend.fingerprint()
     fp = fingerprint_digest(fingerprint)
+    if isinstance(backend, OrtTiming):  # ORT captures the layers' inputs (on the timing providers when ORT times)
+        providers = backend.providers
+    else:
+        from .sessions import default_providers
+
+        providers = default_providers()
     _warn_if_busy(fingerprint["usable_cores"])
     sha = model_sha or (model_sha256(model) if cache is not None else "uncached")
     consts = _resolver(model)
@@ -605,7 +723,7 @@ def time_layers(model: onnx.ModelProto, cands: list[Candidate], feeds_by_batch: 
         try:
             for cand in tqdm(todo, desc="time layers", unit="layer", disable=None if progress else True, leave=False):
                 ranks = sorted(set(ranks_for.get(cand.label, ())))
-                timing = _time_one(model, cand, inputs[cand.label], captured, ranks, providers=providers,
+                timing = _time_one(model, cand, inputs[cand.label], captured, ranks, backend=backend,
                                    cache=cache, sha=sha, fp=fp, tmp=tmp, consts=consts, repeats=repeats,
                                    warmup=warmup, budget_s=budget_s, threads=intra_op_threads,
                                    form=(form, form_options))
@@ -631,7 +749,7 @@ def _warn_if_busy(cores: int) -> None:
 
 
 def _time_one(model, cand: Candidate, layer_io: tuple[list[str], dict], captured: dict[int, dict[str, np.ndarray]],
-              ranks: list[int], *, providers, cache, sha, fp, tmp, consts, repeats, warmup, budget_s, threads,
+              ranks: list[int], *, backend, cache, sha, fp, tmp, consts, repeats, warmup, budget_s, threads,
               form: tuple[str, dict | None] = (DEFAULT, None)) -> list[LayerTiming] | None:
     live, _ = layer_io
     keys, known = {}, {}
@@ -659,7 +777,8 @@ def _time_one(model, cand: Candidate, layer_io: tuple[list[str], dict], captured
                     log.info("%s: %s at size %s: %s; not timed there", cand.label, name, r, e)
             ranks = [r for r in ranks if r in variants or all((b, r) in known for b in captured)]
             missing = [(b, r) for b, r in missing if r in variants]
-            sessions = {r: _session(m, providers, tmp, threads) for r, m in variants.items()}
+            feeds = [{n: arrays[n] for n in live} for arrays in captured.values()]
+            sessions = {r: backend.load(m, tmp, feeds) for r, m in variants.items()}
         except Exception as e:  # noqa: BLE001 - ORT rejects the isolated node: report, do not stop
             log.warning("%s: cannot build or load its micro model (%s); not timed", cand.label, e)
             return None

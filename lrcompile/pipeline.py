@@ -81,6 +81,7 @@ class _Run:
     distill_info: dict | None = None
     result: CompileResult | None = None
     notes: list[str] = field(default_factory=list)  # for the report: what _load changed or chose
+    plugins: dict | None = None  # --plugins: the function calls written (engine.functions.Fused)
 
     def mark(self, name: str) -> None:
         self.t[name] = time.perf_counter()
@@ -195,6 +196,11 @@ def _factorize(run: _Run) -> None:
         raise LrcError(f"{run.src}: every candidate was declined ({_decline_summary(run.records)}); "
                        + _decline_advice(run.records))
     run.new = export(run.analysis.graph, run.model, run.ctx.sparse)
+    if run.config.plugins:
+        from .engine.functions import emit_functions
+
+        run.new, fused = emit_functions(run.new)
+        run.plugins = fused.to_dict()
     run.mark("rewrite")
 
 
@@ -360,6 +366,8 @@ def _write_files(run: _Run) -> None:
         if run.attention is not None:
             result.report["attention"] = run.attention
         result.report["distillation"] = run.distill_info
+        if run.plugins is not None:
+            result.report["plugins"] = run.plugins
         if ok:
             result.report = _relocate(result.report, tmp, out.parent)
             result.output, result.files = out, [out.parent / f.name for f in files]

@@ -305,6 +305,7 @@ class Planner:
                 points.setdefault(c.label, {})[layer.form.name] = pick
         cache = latency.TimingCache(None if self.config.timing_cache in (None, "") else self.config.timing_cache,
                                     enabled=self.config.timing_cache != "none")
+        backend = latency.timing_backend(self.config.latency_backend, self.config.target)
         t0 = time.perf_counter()
         timings = {}  # form name -> label -> timings (each form's sizes timed with its own structure)
         for name in dict.fromkeys(x.form.name for x in timed):
@@ -312,7 +313,7 @@ class Planner:
             timings[name] = latency.time_layers(
                 self.model, [c for x in group for c in x.cands], feeds_by_batch,
                 {c.label: points[c.label][name] for x in group for c in x.cands}, cache=cache, progress=self.progress,
-                form=name, form_options=form_knobs(group[0].form, self.config) or None)
+                form=name, form_options=form_knobs(group[0].form, self.config) or None, backend=backend)
         cache.save()
         for layer in timed:
             fast, rows = None, []
@@ -327,10 +328,10 @@ class Planner:
             if fast is not None and (not len(layer.grid) or fast < layer.grid[0]):
                 slow = max(rows, key=lambda r: r["factorized_ms"][0] / max(r["dense_ms"], 1e-9)) if rows else None
                 self.dense_reasons[layer.key] = (
-                    f"not faster factorized on {latency.describe_target()}: at batch {slow['batch']} dense "
+                    f"not faster factorized on {backend.describe()}: at batch {slow['batch']} dense "
                     f"{slow['dense_ms']:.3f} ms, rank {slow['ranks'][0]} {slow['factorized_ms'][0]:.3f} ms"
                     if slow and slow["ranks"] else "not faster factorized on this target")
-        self.info["latency"] = {"target": latency.describe_target(), "batches": sorted(feeds_by_batch),
+        self.info["latency"] = {"target": backend.describe(), "batches": sorted(feeds_by_batch),
                                 "seconds": round(time.perf_counter() - t0, 3), "cache": str(cache.path),
                                 "cache_hits": cache.hits, "cache_misses": cache.misses}
 
@@ -614,16 +615,17 @@ def latency_declines(p: Plan, model: onnx.ModelProto, cands: list[Candidate], fe
     todo = [c for c in cands if c.label in planned]
     cache = latency.TimingCache(None if config.timing_cache in (None, "") else config.timing_cache,
                                 enabled=config.timing_cache != "none")
+    backend = latency.timing_backend(config.latency_backend, config.target)
     t0 = time.perf_counter()
     timings = latency.time_layers(model, todo, feeds_by_batch, {c.label: [planned[c.label]] for c in todo},
-                                  cache=cache, progress=progress)
+                                  cache=cache, progress=progress, backend=backend)
     cache.save()
     slow_keys: dict[str, str] = {}
     for c in todo:
         for t in timings.get(c.label, []):
             if t.fast_rank() < planned[c.label]:
                 slow_keys.setdefault(c.weight_key, (
-                    f"not faster factorized on {latency.describe_target()}: at batch {t.batch} dense "
+                    f"not faster factorized on {backend.describe()}: at batch {t.batch} dense "
                     f"{t.dense_ms:.3f} ms, rank {planned[c.label]} {t.factorized_ms[0]:.3f} ms"))
     for rec in p.records:
         rec_t = [t for t in timings.get(rec.node, [])]
@@ -632,7 +634,7 @@ def latency_declines(p: Plan, model: onnx.ModelProto, cands: list[Candidate], fe
                             "factorized_ms": list(t.factorized_ms), "fast_rank": t.fast_rank()} for t in rec_t]
     for key, why in slow_keys.items():
         p.keep_dense(key, why)
-    return {"target": latency.describe_target(), "batches": sorted(feeds_by_batch), "kept_dense": len(slow_keys),
+    return {"target": backend.describe(), "batches": sorted(feeds_by_batch), "kept_dense": len(slow_keys),
             "seconds": round(time.perf_counter() - t0, 3), "cache": str(cache.path), "cache_hits": cache.hits,
             "cache_misses": cache.misses}
 

@@ -57,3 +57,16 @@ def assert_lossless(src: Path, out: Path, feeds: dict, rtol: float = 1e-5) -> No
 
 def op_types(path: Path) -> list[str]:
     return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def plugin_mlp(tmp: Path) -> Path:
+    """MatMul -> Relu -> MatMul -> Gemm with a bias (the Gemm chain keeps its bias: left plain)."""
+    w1, w2, w3 = trained_like(64, 96, seed=1), trained_like(96, 80, seed=2), trained_like(80, 24, seed=3)
+    b3 = np.linspace(-1, 1, 24).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="fc2"),
+             helper.make_node("Gemm", ["h2", "w3", "b3"], ["y"], name="head")]
+    m = make_model(nodes, [vi("x", ["batch", 64])], [vi("y", ["batch", 24])],
+                   [("w1", w1), ("w2", w2), ("w3", w3), ("b3", b3)])
+    return save(m, tmp / "mlp.onnx")

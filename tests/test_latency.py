@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 
 from lrcompile import latency as L
 from lrcompile.config import CompileConfig
+from lrcompile.errors import LrcError
 from lrcompile.factorize import Factorization
 from lrcompile.engine import analyze
 from lrcompile.sessions import session
@@ -310,3 +311,60 @@ def test_a_layer_whose_micro_model_fails_is_left_out_with_a_warning(model, cands
     with caplog.at_level(logging.WARNING, logger="lrcompile.latency"):
         res = L.time_layers(model, fc, {1: feeds(1)}, {"fc1": [16]}, providers=CPU, **FAST)
     assert set(res) == {"fc2"} and "fc1: cannot build or load its micro model" in caplog.text
+
+
+# ----------------------------------------------------------------------------------- timing backends
+
+
+class _CountingOrt(L.OrtTiming):
+    """The ORT backend under another fingerprint, counting what it loads: the interface a
+    TensorRT backend fills (``fingerprint``, ``describe``, ``load``), exercised with ONNX Runtime."""
+
+    name = "counting"
+
+    def __init__(self):
+        super().__init__(CPU)
+        self.loaded = []
+
+    def fingerprint(self):
+        return {**super().fingerprint(), "backend": self.name}
+
+    def load(self, model, tmp, feeds):
+        self.loaded.append(sorted(f[next(iter(f))].shape[0] for f in feeds))  # every batch's feed is offered
+        return super().load(model, tmp, feeds)
+
+
+def test_time_layers_runs_any_backend_through_one_interface(model, cands, tmp_path):
+    fb = {1: feeds(1), 4: feeds(4)}
+    path = tmp_path / "t.json"
+    fc2 = [c for c in cands if c.label == "fc2"]
+    plain = L.time_layers(model, fc2, fb, {"fc2": [64]}, providers=CPU, cache=L.TimingCache(path), **FAST)
+    backend = _CountingOrt()
+    other = L.time_layers(model, fc2, fb, {"fc2": [64]}, cache=L.TimingCache(path), backend=backend, **FAST)
+    assert backend.loaded == [[1, 4], [1, 4]]  # dense and rank 64: measured, not taken from ORT's entries
+    assert [t.batch for t in other["fc2"]] == [t.batch for t in plain["fc2"]] == [1, 4]
+    assert all(t.dense_ms > 0 and t.factorized_ms[0] > 0 for t in other["fc2"])
+    assert len(L.TimingCache(path)) == 2 * 2 * 2  # two backends' entries side by side
+    # the default backend is ONNX Runtime with the given providers: its entries are hit again
+    again = L.OrtTiming(CPU)
+    assert L.time_layers(model, fc2, fb, {"fc2": [64]}, cache=L.TimingCache(path), backend=again, **FAST) == plain
+
+
+def test_timing_backend_choice(monkeypatch):
+    assert isinstance(L.timing_backend(None), L.OrtTiming) and isinstance(L.timing_backend("ort", "trt"), L.OrtTiming)
+    why = L.TrtTiming.unavailable()
+    if why is None:
+        pytest.skip("TensorRT runs here: the refusal is not testable")
+    assert isinstance(L.timing_backend("auto", "trt"), L.OrtTiming)  # falls back where TensorRT cannot run
+    with pytest.raises(LrcError, match="TensorRT cannot time layers"):
+        L.timing_backend("trt")
+    assert L.OrtTiming(CPU).describe() == L.describe_target(CPU)
+
+
+@pytest.mark.gpu
+def test_tensorrt_backend_times_layers(model, cands, tmp_path):
+    if L.TrtTiming.unavailable() is not None:
+        pytest.skip(L.TrtTiming.unavailable())
+    fc2 = [c for c in cands if c.label == "fc2"]
+    res = L.time_layers(model, fc2, {1: feeds(1), 4: feeds(4)}, {"fc2": [64]}, backend=L.TrtTiming(), **FAST)
+    assert all(t.dense_ms > 0 and t.factorized_ms[0] > 0 for t in res["fc2"])

@@ -28,9 +28,11 @@ def test_lower_layers_leave_the_orchestrator_unloaded(module):
 
 
 def _modules() -> dict[str, Path]:
-    """Dotted name -> file, for lrcompile/ and passes/ (installed as lrcompile.passes)."""
+    """Dotted name -> file, for lrcompile/, passes/ and plugins/ (installed as lrcompile.passes and
+    lrcompile.plugins)."""
     out = {}
-    for base, pkg in ((ROOT / "lrcompile", "lrcompile"), (ROOT / "passes", "lrcompile.passes")):
+    for base, pkg in ((ROOT / "lrcompile", "lrcompile"), (ROOT / "passes", "lrcompile.passes"),
+                      (ROOT / "plugins", "lrcompile.plugins")):
         for f in sorted(base.rglob("*.py")):
             parts = list(f.relative_to(base).with_suffix("").parts)
             if parts[-1] == "__init__":
@@ -141,6 +143,7 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 import lrcompile, lrcompile.pipeline, lrcompile.engine, lrcompile.planner, lrcompile.latency, lrcompile.cli
 import lrcompile.targets.ort, lrcompile.targets.trt, lrcompile.distill, lrcompile.fisher, lrcompile.bench
+import lrcompile.comparison, lrcompile.engine.functions, lrcompile.plugins
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -6,7 +6,7 @@ the ONNX. The conversion is onnxconverter-common's ``convert_float_to_float16`` 
 Min, Max, CumSum, ... stay float32 behind Casts) and constants clamped into
 [1e-7, 1e4] in magnitude (so float32 ``-inf``-like attention masks stay finite in float16).
 Model-local functions are inlined first: the converter does not look into function bodies, so a
-float32 constant inside one would clash with float16 inputs.
+float32 constant inside one would clash with float16 inputs; inlined nodes left unnamed get names.
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def convert_fp16(model: onnx.ModelProto, *, op_block_list: list[str] | None = No
     if model_copy.functions:
         log.info("inlining %d model-local function(s) before fp16 conversion", len(model_copy.functions))
         model_copy = onnx.inliner.inline_local_functions(model_copy)
+        _name_unnamed(model_copy.graph)
     try:
         return float16.convert_float_to_float16(
             model_copy,
@@ -59,6 +60,21 @@ def convert_fp16(model: onnx.ModelProto, *, op_block_list: list[str] | None = No
         if "already converted to float16" in str(exc):
             raise LrcError("the model is float16 already; leave out --fp16") from None
         raise
+
+
+def _name_unnamed(graph: onnx.GraphProto) -> None:
+    """Give every node without a name a unique one (``<op>_inlined_<i>``). Inlined function bodies
+    can leave nodes unnamed, and the converter names its Casts after the consuming node: two
+    unnamed consumers of one input would get Casts of the same output name."""
+    used = {n.name for n in graph.node}
+    for i, n in enumerate(graph.node):
+        if not n.name:
+            name, k = f"{n.op_type}_inlined_{i}", 1
+            while name in used:
+                k += 1
+                name = f"{n.op_type}_inlined_{i}_{k}"
+            n.name = name
+            used.add(name)
 
 
 def convert_fp16_file(src: str | Path, dst: str | Path) -> Path:

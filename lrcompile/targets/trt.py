@@ -372,6 +372,9 @@ def _build(
         flags |= 1 << int(F.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
+    from ..plugins.trt import prepare
+
+    plugins = prepare(trt, parser, onnx_path)  # --plugins models: the fused kernels, or why the bodies are inlined
 
     t0 = time.perf_counter()
     if not parser.parse_from_file(str(onnx_path)):
@@ -439,5 +442,7 @@ def _build(
         "flags": used_flags,
         "fp16": options.fp16,
     }
+    if plugins is not None:
+        report["plugins"] = plugins
     log.info("built %s engine %s (%d bytes) in %.2fs", trt.__name__, engine_path, report["engine_bytes"], build_seconds)
     return report

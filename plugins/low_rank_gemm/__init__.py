@@ -1,0 +1,1 @@
+"""LowRankGemm: ``Y = (X A) C`` in one launch (contract, NumPy reference, Triton kernel, TensorRT glue)."""

@@ -1,0 +1,2 @@
+"""LowRankSparseGemm: ``Y = (X A) C + X S``, ``S`` unstructured sparse, in one launch (contract, NumPy
+reference, bitmap-tile format, Triton kernel)."""
