@@ -36,7 +36,7 @@ from .engine import Evidence, Plan, build, sharers
 from .errors import LrcError
 from .factorize import LayerStats
 from .factorize.allocate import Allocation, LayerOptions, allocate, allocate_threshold, min_cost
-from .forms import DEFAULT, FORMS, LAYER_OPS
+from .forms import CONV_FORMS, DEFAULT, FORMS, LAYER_OPS
 from .ir import Candidate, node_label
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,10 @@ def layer_forms(cand: Candidate, config: CompileConfig) -> list:
     name = config.form_for(cand.label)
     forms = [f for f in FORMS.values() if cand.pass_name in f.ops and set(f.ops) & set(LAYER_OPS)] \
         if name == "auto" else [FORMS[name]] if cand.pass_name in FORMS[name].ops else []
-    return [f for f in forms if not (hasattr(f, "refuses") and f.refuses(cand, form_knobs(f, config)))]
+    kept = [f for f in forms if not (hasattr(f, "refuses") and f.refuses(cand, form_knobs(f, config)))]
+    if not kept and name in CONV_FORMS:  # a conv form names what k x k convs become; others keep the default
+        return [FORMS[DEFAULT]]
+    return kept
 
 
 def form_knobs(form, config: CompileConfig) -> dict:

@@ -107,7 +107,7 @@ def totals(layers: list[LayerRecord], output: str | Path | None = None, files: l
     else:
         out["counted_from"] = "records"
         out["params_after"] = sum(r.params_after or 0 for r in done if not r.shared_with)
-    forms = [r for r in done if (r.info or {}).get("form") and not r.shared_with]
+    forms = [r for r in done if (r.info or {}).get("form") and "index_bytes" in r.info and not r.shared_with]
     if forms:  # sparse forms: what a runtime stores (values + index bytes as parameter-equivalents)
         out["storage_params_after"] = sum(r.params_after or 0 for r in done if not r.shared_with)
         out["index_bytes"] = sum(int(r.info.get("index_bytes", 0)) for r in forms)
