@@ -253,3 +253,66 @@ def test_auto_prices_every_form_and_says_which_won(tmp_path):
     assert chosen["c1"] in ("tucker2", "cp", "spatial")  # low rank alone cannot store c1's structure in this
     out = run(tmp_path / "o.onnx", {"x": _x((1, 16, 8, 8))})["y"]
     assert np.all(np.isfinite(out))
+
+
+def _fake_timings(slow_forms: set[str], seen: list):
+    """Timings where the forms in ``slow_forms`` are never faster than dense, the others always."""
+    from lrcompile import latency
+
+    def fake(model, cands, feeds_by_batch, ranks_for, form="lowrank", **kw):
+        seen.append(form)
+        return {c.label: [latency.LayerTiming(node=c.label, batch=b, rows_shape=[b, 64], dense_ms=1.0,
+                                              ranks=list(ranks_for[c.label]),
+                                              factorized_ms=[2.0 if form in slow_forms else 0.2] * len(ranks_for[c.label]))
+                          for b in feeds_by_batch] for c in cands}
+    return fake
+
+
+def test_latency_aware_planner_picks_a_fast_form_or_keeps_the_conv_dense(tmp_path, monkeypatch):
+    from lrcompile import latency
+
+    src = _two_convs(tmp_path)
+    seen = []
+    monkeypatch.setattr(latency, "time_layers", _fake_timings({"lowrank", "tucker2", "cp"}, seen))
+    kw = dict(params=0.4, min_params=0, multiple=1, allocation="error", latency_aware=True, timing_cache="none")
+    res = lrcompile.compile(src, tmp_path / "o.onnx", form="auto", **kw)
+    assert {"tucker2", "cp", "spatial", "lowrank"} <= set(seen)  # every form timed with its own structure
+    forms = {r.node: (r.info or {}).get("form") for r in res.layers if r.decision == "factorized"}
+    assert forms and all(f not in ("tucker2", "cp", None) for f in forms.values())  # only the fast ones won
+    seen.clear()
+    monkeypatch.setattr(latency, "time_layers", _fake_timings({"tucker2"}, seen))
+    with pytest.raises(LrcError, match="slow layers dense.*--size-only"):  # the only form is slow everywhere
+        lrcompile.compile(src, tmp_path / "p.onnx", form="tucker2", **kw)
+
+
+def test_latency_aware_rank_policy_times_the_planned_form(tmp_path, monkeypatch):
+    from lrcompile import latency
+
+    src = _two_convs(tmp_path)
+    seen = []
+    monkeypatch.setattr(latency, "time_layers", _fake_timings({"spatial"}, seen))
+    with pytest.raises(LrcError, match="spatial size"):  # every conv slow in its form: the message names it
+        lrcompile.compile(src, tmp_path / "o.onnx", form="spatial", ratio=0.5, min_params=0, latency_aware=True,
+                          timing_cache="none")
+    assert seen == ["spatial"]
+    seen.clear()
+    monkeypatch.setattr(latency, "time_layers", _fake_timings({"lowrank"}, seen))
+    res = lrcompile.compile(src, tmp_path / "o.onnx", form="spatial", ratio=0.5, min_params=0, latency_aware=True,
+                            timing_cache="none")
+    assert seen == ["spatial"] and all(r.decision == "factorized" for r in res.layers)
+
+
+def test_conv_form_micro_models_build_and_run(tmp_path):
+    """What latency-aware mode times: the layer alone, with random parts of the form's structure."""
+    from lrcompile import latency
+
+    src = _two_convs(tmp_path)
+    model = onnx.load(str(src))
+    cfg = _config("tucker2")
+    cands = analyze(model, cfg).candidates
+    feeds = {1: {"x": _x((1, 16, 8, 8))}}
+    for form in FORM_NAMES:
+        t = latency.time_layers(model, cands, feeds, {c.label: [2, 4] for c in cands}, form=form,
+                                form_options={"conv_ranks": "budget"}, repeats=2, budget_s=0.01)
+        assert set(t) == {"c1", "c2"}
+        assert all(np.all(np.isfinite(x.factorized_ms)) and len(x.factorized_ms) == 2 for v in t.values() for x in v)
