@@ -316,3 +316,18 @@ def test_conv_form_micro_models_build_and_run(tmp_path):
                                 form_options={"conv_ranks": "budget"}, repeats=2, budget_s=0.01)
         assert set(t) == {"c1", "c2"}
         assert all(np.all(np.isfinite(x.factorized_ms)) and len(x.factorized_ms) == 2 for v in t.values() for x in v)
+
+
+def test_inspect_shows_vbmf_ranks_and_each_forms_error(tmp_path):
+    from lrcompile.inspection import inspect_model, inspect_table
+
+    src = _two_convs(tmp_path)
+    rows = {r["node"]: r for r in inspect_model(src, ratio=0.5, min_params=0)}
+    c1 = rows["c1"]["conv"]
+    assert (c1["vbmf_rank_in"], c1["vbmf_rank_out"]) == (4, 6)  # the Tucker weight's own ranks
+    for form in FORM_NAMES:  # the error a data-free compile at that ratio reports
+        res = lrcompile.compile(src, tmp_path / f"{form}.onnx", form=form, ratio=0.5, min_params=0, multiple=1,
+                                verify=False)
+        rec = [r for r in res.layers if r.node == "c2"][0]
+        assert rows["c2"]["conv"]["errors"][form] == pytest.approx(rec.rel_error, rel=1e-4)
+    assert "err tucker2" in inspect_table(list(rows.values()))
