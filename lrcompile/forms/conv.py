@@ -56,6 +56,30 @@ def parse_ranks(text: str) -> tuple[int, int] | str | None:
     return None
 
 
+def _corrected(form, w: np.ndarray, ranks, gram: np.ndarray, gy, st, options: dict) -> ConvFit:
+    """Sequential calibration's target correction (``factorize.whiten``'s module docstring): the
+    compressed layer is fitted to the original's outputs, ``min ||X' W' - X W||``, i.e. to the
+    ridge least-squares target ``B* = (G' + lam I)^-1 (H B + lam B)`` in the metric ``G' + lam I``;
+    the objective error reported is ``||X' W' - X W|| / ||X W||``."""
+    from dataclasses import replace
+
+    from ..factorize.convdecomp import as_matrix
+    from ..factorize.whiten import DEFAULT_DAMPING, corrected_target
+
+    b = as_matrix(np.asarray(w, np.float64))
+    k = b.shape[0]
+    lam = float(options.get("damping", DEFAULT_DAMPING)) * float(np.trace(gram)) / k
+    gd = gram + lam * np.eye(k)
+    target = corrected_target(b, gd, st, lam)
+    f = form._fit(target.T.reshape(w.shape).astype(w.dtype), ranks, gd, gy, options)
+    m = as_matrix(f.weight.astype(np.float64))
+    den = float(np.sum((np.asarray(st.ref_gram, np.float64) @ b) * b))
+    num = float(np.sum((gram @ m) * m)) - 2.0 * float(np.sum(m * (np.asarray(st.cross, np.float64) @ b))) + den
+    rel = float(np.linalg.norm(b - m) / max(np.linalg.norm(b), 1e-300))
+    obj = float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+    return replace(f, rel_error=rel, objective_error=obj, info={**f.info, "target_correction": True})
+
+
 class _Inputs:
     """What ``fit_full`` returns: the fitting inputs (a conv form's curve needs fits per size)."""
 
@@ -154,7 +178,10 @@ class _ConvForm:
             gy = getattr(st, "grad_gram", None) if st is not None else None
             gy = np.asarray(gy, np.float64) if gy is not None and np.shape(gy) == (w.shape[0],) * 2 else None
             with threadpool_limits(limits=1, user_api="blas"):  # small dense algebra: threads only spin
-                f = self._fit(w, ranks, gram, gy, options)
+                if gram is not None and getattr(st, "cross", None) is not None and st.ref_gram is not None:
+                    f = _corrected(self, w, ranks, gram, gy, st, options)
+                else:
+                    f = self._fit(w, ranks, gram, gy, options)
             used = "svd" if gram is None else method
             out.append(ConvFit(f.kind, f.parts, f.ranks, f.method, f.rel_error, f.objective_error,
                                {**f.info, "fit": f.method, "layer_method": used, "size": int(size),
