@@ -366,18 +366,20 @@ class Tucker2Form(_ConvForm):
 
     def _values(self, cand, ranks):
         og, ig, kh, kw, _ = self._dims(cand)
-        r_in, r_out = ranks
-        return ig * r_in + r_out * r_in * kh * kw + og * r_out
+        return _tucker_values(ig, og, kh * kw, *ranks)
 
     def _within(self, cand, p):
         og, ig, kh, kw, _ = self._dims(cand)
         tin, tout = self._tails(cand)
         best = None
+        taps = kh * kw
         for r_in in range(1, ig + 1):
-            r_out = min(og, r_in * kh * kw, int((p - ig * r_in) // (r_in * kh * kw + og)))
-            if r_out < 1:
-                break
-            if r_in > r_out * kh * kw:  # the core's rank caps R_in too
+            top = min(og, r_in * taps)  # the core's rank caps R_out (and R_in below)
+            if _tucker_values(ig, og, taps, r_in, top) <= p:
+                r_out = top  # (a full-rank output side folds into the core: cheaper than og - 1)
+            else:
+                r_out = min(top - 1, int((p - (ig * r_in if r_in < ig else 0)) // (r_in * taps + og)))
+            if r_out < 1 or r_in > r_out * taps:
                 continue
             est = tin[r_in] + tout[r_out]
             if best is None or est < best[0] - 1e-12 * (tin[0] + tout[0]):
@@ -409,7 +411,17 @@ class Tucker2Form(_ConvForm):
     def _flops(self, cand, ranks, rows, sh, sw):
         og, ig, kh, kw, _ = self._dims(cand)
         r_in, r_out = ranks
-        return 2.0 * rows * (sh * sw * ig * r_in + r_out * r_in * kh * kw + r_out * og)
+        return 2.0 * rows * ((sh * sw * ig * r_in if r_in < ig else 0) + r_out * r_in * kh * kw
+                             + (r_out * og if r_out < og else 0))
+
+    def storage(self, fits: list[ConvFit]) -> Storage:
+        """What the emitted convs hold: a full-rank side is folded into the core (no 1 x 1 conv)."""
+        tensors = []
+        for g, f in enumerate(fits):
+            for j, p in enumerate(_folded(f)):
+                if p is not None:
+                    tensors.append(Stored(f"{self.name}{g}_{j}", tuple(p.shape), str(p.dtype)))
+        return Storage(tuple(tensors))
 
     def _shapes(self, wshape, ranks):
         o, i, kh, kw = wshape
@@ -420,11 +432,33 @@ class Tucker2Form(_ConvForm):
 
         g = len(fits)
         kh, kw = fits[0].parts[1].shape[2:]
-        first = np.concatenate([f.parts[0].T[:, :, None, None] for f in fits])
-        core = np.concatenate([f.parts[1] for f in fits])
-        last = np.concatenate([f.parts[2][:, :, None, None] for f in fits])
-        return [("in", first, pointwise(g)), ("core", core, axis_attrs(attrs, (kh, kw), None, g)),
-                ("out", last, pointwise(g))]
+        folded = [_folded(f) for f in fits]
+        u_in, core, u_out = ([x[j] for x in folded] for j in range(3))
+        stages = [] if u_in[0] is None else [("in", np.concatenate([u.T[:, :, None, None] for u in u_in]),
+                                             pointwise(g))]
+        stages.append(("core", np.concatenate(core), axis_attrs(attrs, (kh, kw), None, g)))
+        if u_out[0] is not None:
+            stages.append(("out", np.concatenate([u[:, :, None, None] for u in u_out]), pointwise(g)))
+        return stages
+
+
+def _tucker_values(ig: int, og: int, taps: int, r_in: int, r_out: int) -> int:
+    """Values Tucker-2 stores per group; a side at full rank folds into the core (its 1 x 1 conv
+    would be an invertible map: the chain is then today's split, or its mirror)."""
+    return (ig * r_in if r_in < ig else 0) + r_out * r_in * taps + (og * r_out if r_out < og else 0)
+
+
+def _folded(f: ConvFit) -> tuple:
+    """``(u_in | None, core, u_out | None)`` as emitted: a full-rank factor multiplied into the core."""
+    u_in, core, u_out = f.parts
+    dt = core.dtype
+    if u_in.shape[1] >= u_in.shape[0]:
+        core = np.einsum("bahw,ia->bihw", core.astype(np.float64), u_in.astype(np.float64)).astype(dt)
+        u_in = None
+    if u_out.shape[1] >= u_out.shape[0]:
+        core = np.einsum("bahw,ob->oahw", core.astype(np.float64), u_out.astype(np.float64)).astype(dt)
+        u_out = None
+    return u_in, core, u_out
 
 
 class CPForm(_ConvForm):

@@ -83,7 +83,7 @@ def test_full_rank_is_lossless(tmp_path, form, geometry):
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     convs = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Conv"]
-    assert len(convs) == (3 if form == "tucker2" else 2)
+    assert len(convs) == (1 if form == "tucker2" else 2)  # Tucker-2 at full ranks: both sides fold
 
 
 @pytest.mark.parametrize("geometry", sorted(GEOMETRY))
@@ -118,11 +118,26 @@ def test_reduced_rank_rewrite_is_the_conv_with_the_fitted_weight(tmp_path, form,
     assert not np.allclose(got, orig, atol=1e-3)  # lossy: the check above can fail
     rec = p.records[0]
     assert rec.params_after <= 0.4 * cand.params + 1 and rec.params_after >= 0.5 * 0.4 * cand.params
-    assert rec.info["form"] == form and rec.params_after == sum(f.values for f in fits)
+    assert rec.info["form"] == form and rec.params_after == FORMS[form].storage(fits).params
+    stored = sum(numpy_helper.to_array(t).size for t in onnx.load(str(out)).graph.initializer if t.name != "b")
+    assert stored == rec.params_after  # what the file holds is what the form counts
     # the error the form reports is the weight's
     w = numpy_helper.to_array(onnx.load(str(src)).graph.initializer[0]).astype(np.float64)
     approx = np.concatenate([f.weight for f in fits])
     assert rec.rel_error == pytest.approx(np.linalg.norm(w - approx) / np.linalg.norm(w), rel=1e-4)
+
+
+def test_tucker2_folds_a_full_rank_side_into_the_core(tmp_path):
+    """R_in = I: the input 1 x 1 conv would be an invertible map; it is folded into the core (the
+    chain is today's split) and not stored."""
+    m, shape = _model("stride-pads", o=24, i=8)
+    src = save(m, tmp_path / "m.onnx")
+    out, (cand,), p = _rewrite(src, _config("tucker2", conv_ranks="8x10"))
+    assert [n.op_type for n in onnx.load(str(out)).graph.node] == ["Conv", "Conv"]
+    assert p.records[0].params_after == 10 * 8 * 9 + 24 * 10
+    (fit,) = p.value(cand.weight_key)
+    want = run(_with_weight(src, [fit], tmp_path / "w.onnx"), {"x": (x := _x(shape))})["y"]
+    np.testing.assert_allclose(run(out, {"x": x})["y"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def test_tucker2_spends_the_budget_on_the_pair_with_the_most_energy():
@@ -138,7 +153,7 @@ def test_tucker2_spends_the_budget_on_the_pair_with_the_most_energy():
     # no pair within the budget keeps more of the two modes' energy (the HOSVD bound)
     tin, tout = form._tails(cand)
     best = min(tin[a_] + tout[b_] for a_ in range(1, 17) for b_ in range(1, 33)
-               if form._values(cand, (a_, b_)) <= budget)
+               if form._values(cand, (a_, b_)) <= budget and a_ <= 9 * b_ and b_ <= 9 * a_)  # (the core's rank)
     assert tin[r_in] + tout[r_out] == pytest.approx(best)
 
 
