@@ -63,13 +63,13 @@ def reconstruct(kind: str, parts: tuple[np.ndarray, ...]) -> np.ndarray:
     p = [np.asarray(x, np.float64) for x in parts]
     if kind == "tucker2":
         u_in, core, u_out = p
-        return np.einsum("ia,bahw,ob->oihw", u_in, core, u_out)
+        return np.einsum("ia,bahw,ob->oihw", u_in, core, u_out, optimize=True)
     if kind == "cp":
         a_in, a_h, a_w, a_out = p
-        return np.einsum("ir,hr,wr,or->oihw", a_in, a_h, a_w, a_out)
+        return np.einsum("ir,hr,wr,or->oihw", a_in, a_h, a_w, a_out, optimize=True)
     if kind == "spatial":
         v, h = p
-        return np.einsum("rih,orw->oihw", v, h)
+        return np.einsum("rih,orw->oihw", v, h, optimize=True)
     raise ValueError(f"unknown conv decomposition {kind!r}")
 
 
@@ -150,8 +150,8 @@ def _objective(b: np.ndarray, approx: np.ndarray, gram: np.ndarray | None) -> tu
     rel = float(np.linalg.norm(e)) / nb if nb > 0 else 0.0
     if gram is None:
         return rel, rel
-    num = float(np.einsum("ij,ik,kj->", e, gram, e))
-    den = float(np.einsum("ij,ik,kj->", b, gram, b))
+    num = float(np.einsum("ij,ik,kj->", e, gram, e, optimize=True))
+    den = float(np.einsum("ij,ik,kj->", b, gram, b, optimize=True))
     return rel, float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
 
 
@@ -207,6 +207,13 @@ def _signs(u, s, vt):
 
 
 def _top(m: np.ndarray, r: int) -> np.ndarray:
+    """The top ``r`` left singular vectors of ``m`` (from the eigenvectors of ``m m^T`` when ``m``
+    is wide: a mode unfolding is ``[I, O kh kw]``, and its Gram is 5-10x cheaper than an SVD)."""
+    if m.shape[0] * 2 <= m.shape[1]:
+        val, vec = np.linalg.eigh(m @ m.T)
+        u = vec[:, ::-1][:, :r]
+        u, _, _ = _signs(u, val[::-1][:r], u.T)
+        return u
     u, s, vt = np.linalg.svd(m, full_matrices=False)
     u, _, _ = _signs(u, s, vt)
     return u[:, :r]
@@ -235,10 +242,10 @@ def tucker2(w: np.ndarray, r_in: int, r_out: int, gram: np.ndarray | None = None
     if gram is None and out_gram is None:
         u_in = _top(unfolding(w64, 1), r_in)
         for _ in range(max(iters, 1)):
-            u_out = _top(unfolding(np.einsum("oihw,ia->oahw", w64, u_in), 0), r_out)
-            u_in = _top(unfolding(np.einsum("oihw,ob->bihw", w64, u_out), 1), r_in)
-        u_out = _top(unfolding(np.einsum("oihw,ia->oahw", w64, u_in), 0), r_out)
-        core = np.einsum("oihw,ia,ob->bahw", w64, u_in, u_out)
+            u_out = _top(unfolding(np.einsum("oihw,ia->oahw", w64, u_in, optimize=True), 0), r_out)
+            u_in = _top(unfolding(np.einsum("oihw,ob->bihw", w64, u_out, optimize=True), 1), r_in)
+        u_out = _top(unfolding(np.einsum("oihw,ia->oahw", w64, u_in, optimize=True), 0), r_out)
+        core = np.einsum("oihw,ia,ob->bahw", w64, u_in, u_out, optimize=True)
         method = "hooi"
     else:
         g = np.asarray(gram, np.float64) if gram is not None else None
@@ -299,7 +306,7 @@ def cp(w: np.ndarray, rank: int, gram: np.ndarray | None = None, iters: int = CP
     method = "als"
     b = as_matrix(w64)
     if gram is not None:
-        p = np.einsum("ir,hr,wr->ihwr", a_in, a_h, a_w).reshape(-1, rank)
+        p = np.einsum("ir,hr,wr->ihwr", a_in, a_h, a_w, optimize=True).reshape(-1, rank)
         a_out = refit_last(p, b, np.asarray(gram, np.float64)).T
         method = "als+metric"
     parts = (a_in, a_h, a_w, a_out)
@@ -316,7 +323,7 @@ def _khatri_rao(mats: list[np.ndarray]) -> np.ndarray:
 
 
 def _cp_full(factors: list[np.ndarray]) -> np.ndarray:
-    return np.einsum("ar,br,cr,dr->abcd", *factors)
+    return np.einsum("ar,br,cr,dr->abcd", *factors, optimize=True)
 
 
 # ---------------------------------------------------------------------------------------------- spatial SVD
@@ -338,7 +345,7 @@ def spatial(w: np.ndarray, rank: int, gram: np.ndarray | None = None) -> ConvFit
     b = as_matrix(w64)
     if gram is not None:
         # B'[(i,y,x), o] = sum_r v[r,i,y] h[o,r,x]: linear in h through P[(i,y,x), (r,x')]
-        p = np.einsum("riy,xz->iyxrz", v, np.eye(kw)).reshape(i * kh * kw, rank * kw)
+        p = np.einsum("riy,xz->iyxrz", v, np.eye(kw), optimize=True).reshape(i * kh * kw, rank * kw)
         hm = refit_last(p, b, np.asarray(gram, np.float64))  # [(r, x), o]
         h = hm.reshape(rank, kw, o).transpose(2, 0, 1)
         method = "svd+metric"

@@ -453,10 +453,10 @@ def _folded(f: ConvFit) -> tuple:
     u_in, core, u_out = f.parts
     dt = core.dtype
     if u_in.shape[1] >= u_in.shape[0]:
-        core = np.einsum("bahw,ia->bihw", core.astype(np.float64), u_in.astype(np.float64)).astype(dt)
+        core = np.einsum("bahw,ia->bihw", core.astype(np.float64), u_in.astype(np.float64), optimize=True).astype(dt)
         u_in = None
     if u_out.shape[1] >= u_out.shape[0]:
-        core = np.einsum("bahw,ob->oahw", core.astype(np.float64), u_out.astype(np.float64)).astype(dt)
+        core = np.einsum("bahw,ob->oahw", core.astype(np.float64), u_out.astype(np.float64), optimize=True).astype(dt)
         u_out = None
     return u_in, core, u_out
 
