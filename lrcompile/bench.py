@@ -402,7 +402,9 @@ def _data_options(ds: Dataset, opts: dict) -> dict:
 def _layers(res) -> list[dict]:
     return [{"node": r.node, "op": r.op, "shape": r.shape, "rank": r.rank, "full_rank": min(r.shape),
              "break_even": r.break_even, "params_before": r.params_before, "params_after": r.params_after,
-             "rel_error": r.rel_error, "method": r.method}
+             "rel_error": r.rel_error, "method": r.method,
+             **({"form": r.info["form"]} if (r.info or {}).get("form") else {}),
+             **({"ranks": r.info["ranks"]} if (r.info or {}).get("ranks") else {})}
             for r in res.layers if r.decision == "factorized" and not r.shared_with]
 
 

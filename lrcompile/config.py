@@ -116,15 +116,22 @@ class CompileConfig:
                       "engine.", choices=TARGETS, section="Target")
     form: str = opt("lowrank", "What each weight becomes: {choices} (docs/forms.md).", choices=_form_names,
                     section="Form",
-                    doc="lowrank: the chain A C (the default); nm: the weight pruned to N of every M along its "
-                    "reduction axis and refit (TensorRT's sparse kernels with --sparse-weights); lowrank+sparse: A C "
-                    "+ S; dense-nm: D S with S N:M; dictionary: D C with C sparse per column. The rank policy or "
-                    "budget sets each layer's storage; nm's size is its pattern.")
+                    doc="lowrank: the chain A C (the default; on a conv: k x k to r channels, then 1 x 1); nm: the "
+                    "weight pruned to N of every M along its reduction axis and refit (TensorRT's sparse kernels with "
+                    "--sparse-weights); lowrank+sparse: A C + S; dense-nm: D S with S N:M; dictionary: D C with C "
+                    "sparse per column; tucker2 (convs): 1 x 1, k x k, 1 x 1; cp (convs): 1 x 1, k x 1 and 1 x k "
+                    "depthwise, 1 x 1; spatial (convs): k x 1 then 1 x k. The rank policy or budget sets each layer's "
+                    "storage; nm's size is its pattern. auto: each layer's best form (docs/forms.md).")
     layer_forms: tuple[str, ...] = opt((), "Per-layer form (repeatable; the first matching pattern wins).",
                                        flag="--layer-form", multiple=True, metavar="REGEX=FORM",
                                        example="--layer-form 'attention.*=nm'")
     nm: str = opt("2:4", "The N:M pattern of nm, dense-nm and --sparse-pattern nm.", metavar="N:M",
                   doc="TensorRT's sparse tensor cores run 2:4.")
+    conv_ranks: str = opt("budget", "tucker2/cp/spatial: ranks from the rank policy or budget ('budget'), per "
+                          "mode by VBMF ('vbmf', data-free), or fixed ('R', or 'RINxROUT' for Tucker-2).",
+                          metavar="RULE", doc="Under 'budget' a size buys storage; Tucker-2 spends it on the pair "
+                          "(R_in, R_out) that keeps the most mode energy. --energy also works for these forms: per "
+                          "mode. With VBMF or fixed ranks a conv has one size (the planner keeps it or leaves it dense).")
     sparse_share: float = opt(0.25, "lowrank+sparse: the share of each layer's storage spent on the sparse part S.")
     sparse_pattern: str = opt("unstructured", "lowrank+sparse: S's pattern: {choices}.",
                               choices=("unstructured", "rows", "nm"),
@@ -343,9 +350,14 @@ class CompileConfig:
             if not sep or not pat:
                 raise LrcError(f"--layer-form {lf!r}: expected REGEX=FORM (e.g. 'attention.*=nm')")
         used = {self.form} | {lf.rpartition("=")[2] for lf in self.layer_forms}
-        if used - {"lowrank"} and (self.energy is not None or self.max_error is not None):
-            raise LrcError(f"--form {'/'.join(sorted(used - {'lowrank'}))} sizes layers by storage: give --ratio, "
+        from .forms.conv import CONV_FORMS, parse_ranks
+
+        by_storage = used - {"lowrank"} - (set(CONV_FORMS) if self.max_error is None else set())
+        if by_storage and (self.energy is not None or self.max_error is not None):
+            raise LrcError(f"--form {'/'.join(sorted(by_storage))} sizes layers by storage: give --ratio, "
                            "--rank or a global budget (--params, --flops), not --energy or --max-error")
+        if parse_ranks(self.conv_ranks) is None:
+            raise LrcError(f"--conv-ranks {self.conv_ranks!r}: expected budget, vbmf, R or RINxROUT (e.g. 16x32)")
         if used - {"lowrank"} and self.distill:
             raise LrcError(f"--distill trains the low-rank factors as dense tensors; it would fill the zeros of "
                            f"--form {'/'.join(sorted(used - {'lowrank'}))} (masked training is not there yet): "

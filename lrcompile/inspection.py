@@ -52,6 +52,12 @@ def inspect_model(path, *, ratio: float | None = None, min_params: int | None = 
             summ = spectrum_summary(c.matrices[0], ratio, config.multiple)
             seen[c.weight_key] = summ
             row.update(summ)
+        if c.weight_key not in seen or "conv" not in seen[c.weight_key]:
+            conv = conv_summary(c, ratio)
+            if conv:
+                seen[c.weight_key]["conv"] = conv
+        if seen[c.weight_key].get("conv"):
+            row["conv"] = seen[c.weight_key]["conv"]
         if row["ratio_rank"] >= row["break_even"]:
             row["decision"], row["reason"] = "would decline", f"rank at ratio {ratio} >= break-even"
         rows.append(row)
@@ -59,6 +65,31 @@ def inspect_model(path, *, ratio: float | None = None, min_params: int | None = 
         rows.append({"node": d.label, "op": d.node.op, "shape": list(d.shape) if d.shape else None,
                      "decision": "declined", "reason": d.reason})
     return rows
+
+
+def conv_summary(cand, ratio: float) -> dict | None:
+    """For a 2-D k x k conv: the VBMF ranks of its two mode unfoldings (data-free) and each conv
+    form's relative weight error at ``ratio`` of its parameters (data-free fits), beside the
+    low-rank chain's; None for any other candidate."""
+    from .forms import CONV_FORMS, FORMS
+
+    t2 = FORMS["tucker2"]
+    if t2.refuses(cand, {"conv_ranks": "budget"}):
+        return None
+    r_in, r_out = t2.ranks(cand, None, {"conv_ranks": "vbmf"})
+    out = {"vbmf_rank_in": int(r_in), "vbmf_rank_out": int(r_out), "errors": {}}
+    policy = RankPolicy(ratio=ratio, multiple=1)
+    none = [None] * len(cand.matrices)
+    for name in ("lowrank",) + CONV_FORMS:
+        form = FORMS[name]
+        opts = {"seed": 0, "solver": "exact", **({"conv_ranks": "budget"} if name in CONV_FORMS else {})}
+        try:
+            value = form.fit(cand, policy, "svd", none, opts)
+        except ValueError:
+            out["errors"][name] = None
+            continue
+        out["errors"][name] = round(float(form.errors(cand, value)[0]), 6)
+    return out
 
 
 def inspect_table(rows: list[dict]) -> str:
@@ -71,5 +102,14 @@ def inspect_table(rows: list[dict]) -> str:
         out.append([r["node"], r["op"], shape, spec, r.get("rank90", "-"), r.get("rank99", "-"),
                     r.get("break_even", "-"), r.get("ratio_rank", "-"),
                     f"{r['ratio_rel_error']:.4f}" if "ratio_rel_error" in r else "-", r["decision"], r["reason"]])
-    return tabulate(out, headers=["node", "op", "weight", "sigma max..min", "r90%", "r99%", "break-even",
-                                  "r@ratio", "err@ratio", "decision", "reason"], tablefmt="simple")
+    table = tabulate(out, headers=["node", "op", "weight", "sigma max..min", "r90%", "r99%", "break-even",
+                                   "r@ratio", "err@ratio", "decision", "reason"], tablefmt="simple")
+    convs = [r for r in rows if r.get("conv")]
+    if not convs:
+        return table
+    names = list(convs[0]["conv"]["errors"])
+    crow = [[r["node"], f"{r['conv']['vbmf_rank_in']}x{r['conv']['vbmf_rank_out']}"]
+            + [f"{e:.4f}" if e is not None else "-" for e in (r["conv"]["errors"][n] for n in names)] for r in convs]
+    return (table + "\n\nconvs: VBMF ranks (R_in x R_out, data-free) and each form's weight error at the ratio "
+            "(data-free fits)\n" + tabulate(crow, headers=["node", "vbmf"] + [f"err {n}" for n in names],
+                                             tablefmt="simple"))

@@ -36,7 +36,7 @@ from .engine import Evidence, Plan, build, sharers
 from .errors import LrcError
 from .factorize import LayerStats
 from .factorize.allocate import Allocation, LayerOptions, allocate, allocate_threshold, min_cost
-from .forms import DEFAULT, FORMS, LAYER_OPS
+from .forms import CONV_FORMS, DEFAULT, FORMS, LAYER_OPS
 from .ir import Candidate, node_label
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,10 @@ def layer_forms(cand: Candidate, config: CompileConfig) -> list:
     name = config.form_for(cand.label)
     forms = [f for f in FORMS.values() if cand.pass_name in f.ops and set(f.ops) & set(LAYER_OPS)] \
         if name == "auto" else [FORMS[name]] if cand.pass_name in FORMS[name].ops else []
-    return [f for f in forms if not (hasattr(f, "refuses") and f.refuses(cand, form_knobs(f, config)))]
+    kept = [f for f in forms if not (hasattr(f, "refuses") and f.refuses(cand, form_knobs(f, config)))]
+    if not kept and name in CONV_FORMS:  # a conv form names what k x k convs become; others keep the default
+        return [FORMS[DEFAULT]]
+    return kept
 
 
 def form_knobs(form, config: CompileConfig) -> dict:
@@ -327,10 +330,15 @@ class Planner:
             layer.fast_rank = fast
             if fast is not None and (not len(layer.grid) or fast < layer.grid[0]):
                 slow = max(rows, key=lambda r: r["factorized_ms"][0] / max(r["dense_ms"], 1e-9)) if rows else None
-                self.dense_reasons[layer.key] = (
-                    f"not faster factorized on {backend.describe()}: at batch {slow['batch']} dense "
-                    f"{slow['dense_ms']:.3f} ms, rank {slow['ranks'][0]} {slow['factorized_ms'][0]:.3f} ms"
-                    if slow and slow["ranks"] else "not faster factorized on this target")
+                size = "rank" if layer.form.name == DEFAULT else f"{layer.form.name} size"
+                why = (f"at batch {slow['batch']} dense {slow['dense_ms']:.3f} ms, {size} {slow['ranks'][0]} "
+                       f"{slow['factorized_ms'][0]:.3f} ms" if slow and slow["ranks"] else "")
+                before = self.dense_reasons.get(layer.key)
+                if before and before.startswith("not faster factorized") and why:  # several forms: each one's
+                    self.dense_reasons[layer.key] = f"{before}; {why}"
+                else:
+                    self.dense_reasons[layer.key] = (f"not faster factorized on {backend.describe()}: {why}"
+                                                     if why else "not faster factorized on this target")
         self.info["latency"] = {"target": backend.describe(), "batches": sorted(feeds_by_batch),
                                 "seconds": round(time.perf_counter() - t0, 3), "cache": str(cache.path),
                                 "cache_hits": cache.hits, "cache_misses": cache.misses}
@@ -617,16 +625,23 @@ def latency_declines(p: Plan, model: onnx.ModelProto, cands: list[Candidate], fe
                                 enabled=config.timing_cache != "none")
     backend = latency.timing_backend(config.latency_backend, config.target)
     t0 = time.perf_counter()
-    timings = latency.time_layers(model, todo, feeds_by_batch, {c.label: [planned[c.label]] for c in todo},
-                                  cache=cache, progress=progress, backend=backend)
+    forms = p.forms()
+    timings = {}
+    for name in dict.fromkeys(forms.get(c.weight_key, DEFAULT) for c in todo):  # each form timed with its structure
+        group = [c for c in todo if forms.get(c.weight_key, DEFAULT) == name]
+        extra = {} if name == DEFAULT else {"form": name, "form_options": form_knobs(FORMS[name], config) or None}
+        timings.update(latency.time_layers(model, group, feeds_by_batch, {c.label: [planned[c.label]] for c in group},
+                                           cache=cache, progress=progress, backend=backend, **extra))
     cache.save()
     slow_keys: dict[str, str] = {}
     for c in todo:
         for t in timings.get(c.label, []):
             if t.fast_rank() < planned[c.label]:
+                name = forms.get(c.weight_key, DEFAULT)
+                size = "rank" if name == DEFAULT else f"{name} size"
                 slow_keys.setdefault(c.weight_key, (
                     f"not faster factorized on {backend.describe()}: at batch {t.batch} dense "
-                    f"{t.dense_ms:.3f} ms, rank {planned[c.label]} {t.factorized_ms[0]:.3f} ms"))
+                    f"{t.dense_ms:.3f} ms, {size} {planned[c.label]} {t.factorized_ms[0]:.3f} ms"))
     for rec in p.records:
         rec_t = [t for t in timings.get(rec.node, [])]
         if rec_t:

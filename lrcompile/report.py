@@ -53,7 +53,7 @@ def layers_table(layers: list[LayerRecord], *, declined: bool = True) -> str:
         if r.groups > 1:
             shape += f" (g={r.groups})"
         rows.append([
-            r.node, r.op, shape, r.rank if r.rank is not None else "-",
+            r.node, r.op, shape, _size_label(r) if r.rank is not None else "-",
             r.params_before if r.params_before is not None else "-",
             r.params_after if r.params_after is not None else "-",
             f"{r.rel_error:.4f}" if r.rel_error is not None else "-",
@@ -107,7 +107,7 @@ def totals(layers: list[LayerRecord], output: str | Path | None = None, files: l
     else:
         out["counted_from"] = "records"
         out["params_after"] = sum(r.params_after or 0 for r in done if not r.shared_with)
-    forms = [r for r in done if (r.info or {}).get("form") and not r.shared_with]
+    forms = [r for r in done if (r.info or {}).get("form") and "index_bytes" in r.info and not r.shared_with]
     if forms:  # sparse forms: what a runtime stores (values + index bytes as parameter-equivalents)
         out["storage_params_after"] = sum(r.params_after or 0 for r in done if not r.shared_with)
         out["index_bytes"] = sum(int(r.info.get("index_bytes", 0)) for r in forms)
@@ -199,6 +199,15 @@ def _latency_at(t: dict, rank: int | None) -> float | None:
     return float(np.interp(rank, t["ranks"], t["factorized_ms"]))
 
 
+def _size_label(r: LayerRecord):
+    """A record's size as the tables show it: the rank, or a conv form's name and ranks
+    (``tucker2 32x23``: R_in x R_out)."""
+    info = r.info or {}
+    if info.get("form") and info.get("ranks"):
+        return f"{info['form']} {info['ranks']}"
+    return r.rank
+
+
 def plan_summary(plan: dict, layers: list[LayerRecord]) -> str:
     """The planner's per-layer choices and its totals: predicted vs measured, and the search it walked."""
     lines = []
@@ -208,7 +217,7 @@ def plan_summary(plan: dict, layers: list[LayerRecord]) -> str:
             continue
         cut = r.decision in ("factorized", "pruned")
         kept = (r.params_after / r.params_before) if cut and r.params_before else 1.0
-        choice = r.rank if r.decision == "factorized" else (
+        choice = _size_label(r) if r.decision == "factorized" else (
             f"width {r.info.get('kept')}/{r.info.get('channels')}" if r.decision == "pruned" else "dense")
         lat = "; ".join(f"b{t['batch']}: {t['dense_ms']:.3f}->{_latency_at(t, r.rank):.3f}"
                         if r.decision == "factorized" and _latency_at(t, r.rank) is not None

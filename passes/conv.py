@@ -107,3 +107,46 @@ class ConvPass:
         b = w.extra["bias"] if bias else None
         ctx.node("Conv", base, f"{tag}_conv", [w.x, const(cand.weight_key, f"{tag}_W", base, kernel)]
                  + ([b] if b is not None else []), [w.out], dict(w.extra["attrs"]))
+
+    def sequence(self, ctx: RewriteContext, cand: Candidate, w: Wiring,
+                 stages: list[tuple[str, np.ndarray, dict]], tag: str) -> None:
+        """Convs in sequence from the input to the output: each stage ``(role, kernel [out, in/group,
+        kh, kw], attrs)``; the last stage takes the original bias. The conv forms (Tucker-2, CP,
+        spatial SVD) emit through this, their attributes from :func:`axis_attrs` / :func:`pointwise`."""
+        base, key = cand.label, cand.weight_key
+        x = w.x
+        b = w.extra["bias"]
+        for n, (role, kernel, attrs) in enumerate(stages):
+            last = n == len(stages) - 1
+            out = w.out if last else ctx.var(base, f"{tag}_{role}_h", w.out.dtype)
+            ins = [x, ctx.const(key, f"{tag}_{role}", base, kernel)] + ([b] if last and b is not None else [])
+            ctx.node("Conv", base, f"{tag}_{role}", ins, [out], attrs)
+            x = out
+
+
+def pointwise(group: int) -> dict:
+    """Attributes of a 1 x 1 conv with ``group`` groups (stride 1, no padding)."""
+    return {"group": int(group), "kernel_shape": [1, 1]}
+
+
+def axis_attrs(attrs: dict, kernel: tuple[int, int], axis: int | None, group: int) -> dict:
+    """The original conv's geometry (``attrs``: strides, dilations, pads, auto_pad) along ``axis``
+    only (0: height, 1: width; None: both), with a ``kernel`` that is 1 along the other axis, and
+    ``group`` groups. A conv whose geometry is split this way over two convs (``kh x 1`` then
+    ``1 x kw``) computes the original's windows exactly: padding, stride and dilation act per axis,
+    and ``SAME_*`` padding of a size-1 kernel at stride 1 is none."""
+    out = {"group": int(group), "kernel_shape": [int(k) for k in kernel]}
+    strides = list(attrs.get("strides", (1, 1)))
+    dil = list(attrs.get("dilations", (1, 1)))
+    pads = list(attrs.get("pads", (0, 0, 0, 0)))
+    keep = [axis in (None, 0), axis in (None, 1)]
+    out["strides"] = [int(s) if k else 1 for s, k in zip(strides, keep)]
+    out["dilations"] = [int(d) if k else 1 for d, k in zip(dil, keep)]
+    auto = str(attrs.get("auto_pad", "NOTSET"))
+    if isinstance(attrs.get("auto_pad"), bytes):
+        auto = attrs["auto_pad"].decode()
+    if auto != "NOTSET":
+        out["auto_pad"] = auto
+    else:
+        out["pads"] = [int(p) if keep[j % 2] else 0 for j, p in enumerate(pads)]
+    return out

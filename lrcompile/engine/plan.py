@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import CompileConfig
 from ..factorize import RankPolicy
-from ..forms import DEFAULT, form_for
+from ..forms import CONV_FORMS, DEFAULT, form_for
 from ..ir import Candidate
 from ..report import LayerRecord
 from .analysis import sharers as by_weight
@@ -194,10 +194,13 @@ class Plan:
             try:
                 form = form_for(cand.pass_name, DEFAULT if auto else name)
             except KeyError as e:
-                self._dense.setdefault(cand.weight_key, e.args[0])
+                if name not in CONV_FORMS:  # a conv form names what k x k convs become; others keep the default
+                    self._dense.setdefault(cand.weight_key, e.args[0])
                 form = form_for(cand.pass_name, DEFAULT)
             refuses = getattr(form, "refuses", None)
             why = refuses(cand, {k: getattr(config, k) for k in form.knobs}) if refuses else None
+            if why and form.name in CONV_FORMS:  # a 1 x 1 conv: a matrix, the default form serves it
+                form, why = form_for(cand.pass_name, DEFAULT), None
             if why:
                 self._dense.setdefault(cand.weight_key, why)
             rec = LayerRecord(node=cand.label, op=cand.node.op, shape=list(cand.matrices[0].shape),

@@ -23,13 +23,14 @@ from __future__ import annotations
 from .base import LayerForm, Storage, Stored
 from .channels import ChannelsForm
 from .heads import HeadsForm
+from .conv import CONV_FORMS, CPForm, SpatialForm, Tucker2Form
 from .lowrank import LowRankForm
 from .sparse import DenseNMForm, DictionaryForm, LowRankSparseForm, NMForm
 
 
 #: name -> form (the registry); the default form of every candidate is ``lowrank``.
 FORMS = {f.name: f for f in (LowRankForm(), NMForm(), LowRankSparseForm(), DenseNMForm(), DictionaryForm(),
-                             ChannelsForm(), HeadsForm())}
+                             Tucker2Form(), CPForm(), SpatialForm(), ChannelsForm(), HeadsForm())}
 DEFAULT = "lowrank"
 #: the passes of single weights (a layer form applies to some of them; a pair form to MLP pairs)
 LAYER_OPS = ("matmul", "gemm", "conv", "gather")
@@ -48,4 +49,4 @@ def form_for(pass_name: str, name: str = DEFAULT):
     return form
 
 
-__all__ = ["DEFAULT", "FORMS", "LAYER_OPS", "layer_form_names", "LayerForm", "Storage", "Stored", "form_for"]
+__all__ = ["CONV_FORMS", "DEFAULT", "FORMS", "LAYER_OPS", "layer_form_names", "LayerForm", "Storage", "Stored", "form_for"]
