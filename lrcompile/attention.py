@@ -250,6 +250,12 @@ class AttentionSites:
             records.append(self._fused_record(block, new, widths if todo else {}, reason))
         if todo:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()  # new shape Concats; old shapes unused
+            # intermediate shape annotations (value_info) may name the old head sizes anywhere between
+            # a projection and the next layer (exporters add Identity, Cast...): ONNX infers them again
+            outs = {t.name for t in graph.outputs} | {t.name for t in graph.inputs}
+            for t in graph.tensors().values():
+                if isinstance(t, gs.Variable) and t.name not in outs:
+                    t.shape = None
         return (export(graph, model) if todo else model), records, rows
 
 

@@ -382,3 +382,22 @@ def test_auto_composes_with_sequential_and_distill(tmp_path, extra):
                             multiple=1, inputs=str(_calib(tmp_path, seed=3)), **extra)
     assert res.status == "PASSED"
     assert res.report["attention"]["pairs"] and all(r.decision == "pruned" for r in res.layers if r.method == "heads")
+
+
+def test_stale_shape_annotations_are_dropped(tmp_path):
+    """A model that ships value_info for its intermediates (PaddleOCR's do) must still load after its
+    heads are reduced: the annotations name the old sizes."""
+    src = _export(tmp_path, "17", fused="5d")
+    model = onnx.load(src)
+    g = model.graph
+    add = next(n for n in g.node if n.op_type == "Add" and any("qkv" in i for i in n.input))
+    for n in g.node:  # an Identity after the projection, as Paddle's exporter writes: its output annotated too
+        n.input[:] = ["qkv_id" if i == add.output[0] else i for i in n.input]
+    g.node.insert(list(g.node).index(add) + 1, helper.make_node("Identity", [add.output[0]], ["qkv_id"]))
+    model = onnx.shape_inference.infer_shapes(model)
+    assert len(model.graph.value_info) > 10
+    annotated = save(model, tmp_path / "annotated.onnx")
+    res = lrcompile.compile(annotated, tmp_path / "a.onnx", calib=str(_calib(tmp_path)), attention="3:5", ratio=1.0,
+                            min_params=10**9, mask_input="mask")
+    assert res.status == "PASSED"
+    onnx.checker.check_model(onnx.load(tmp_path / "a.onnx"), full_check=True)
