@@ -217,8 +217,9 @@ def plan_summary(plan: dict, layers: list[LayerRecord]) -> str:
             continue
         cut = r.decision in ("factorized", "pruned")
         kept = (r.params_after / r.params_before) if cut and r.params_before else 1.0
-        choice = _size_label(r) if r.decision == "factorized" else (
-            f"width {r.info.get('kept')}/{r.info.get('channels')}" if r.decision == "pruned" else "dense")
+        choice = _size_label(r) if r.decision == "factorized" else "dense" if r.decision != "pruned" else (
+            f"head dim {r.info.get('kept')}/{r.info.get('head_dim')} ({r.info.get('kind', 'qkv').upper()})"
+            if r.method == "heads" else f"width {r.info.get('kept')}/{r.info.get('channels')}")
         lat = "; ".join(f"b{t['batch']}: {t['dense_ms']:.3f}->{_latency_at(t, r.rank):.3f}"
                         if r.decision == "factorized" and _latency_at(t, r.rank) is not None
                         else f"b{t['batch']}: {t['dense_ms']:.3f} dense" for t in (r.latency or []))
