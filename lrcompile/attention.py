@@ -285,28 +285,40 @@ def measure_errors(original: onnx.ModelProto, new: onnx.ModelProto, rows: list[d
     compressed model against the original. End to end: the error of every layer compressed
     upstream is in it too, so it bounds the block's own error from above (roughly). Rows masked out
     by ``mask_input`` (padding queries and keys) are left out."""
-    from .sessions import capture
+    import tempfile
+    from pathlib import Path
+
+    from .io import write_model
+    from .sessions import session, with_outputs
 
     names = sorted({r["tensor"] for r in rows})
     if not names or not feeds:
         return
     err = {n: 0.0 for n in names}
     tot = {n: 0.0 for n in names}
-    for feed in feeds:
-        a = capture(original, names, feed, ["CPUExecutionProvider"])
-        b = capture(new, names, feed, ["CPUExecutionProvider"])
-        keep = np.asarray(feed[mask_input]) != 0 if mask_input and mask_input in feed else None
-        for n in names:
-            x, y = a[n].astype(np.float64), b[n].astype(np.float64)
-            if x.shape != y.shape:
-                raise AssertionError(f"{n} is {x.shape} in the original, {y.shape} after reducing heads")
-            if keep is not None and x.ndim == 4 and keep.shape == (x.shape[0], x.shape[3]) == (x.shape[0], x.shape[2]):
-                sel = keep[:, None, :, None] & keep[:, None, None, :]
-                x, y = np.where(sel, x, 0.0), np.where(sel, y, 0.0)
-            elif keep is not None and x.ndim == 3 and keep.shape == x.shape[:2]:
-                x, y = x[keep], y[keep]
-            err[n] += float(np.sum((y - x) ** 2))
-            tot[n] += float(np.sum(x ** 2))
+    with tempfile.TemporaryDirectory(prefix="lrcompile-heads-") as d:
+        runs = []
+        for tag, model in (("original", original), ("reduced", new)):  # each session made once, every feed run
+            path = Path(d) / f"{tag}.onnx"
+            write_model(with_outputs(model, names), path)
+            sess = session(path, ["CPUExecutionProvider"])
+            runs.append((sess, {i.name for i in sess.get_inputs()}))
+        for feed in feeds:  # one feed's tensors held at a time
+            a, b = (dict(zip(names, sess.run(names, {k: v for k, v in feed.items() if k in wanted})))
+                    for sess, wanted in runs)
+            keep = np.asarray(feed[mask_input]) != 0 if mask_input and mask_input in feed else None
+            for n in names:
+                x, y = a[n].astype(np.float64), b[n].astype(np.float64)
+                if x.shape != y.shape:
+                    raise AssertionError(f"{n} is {x.shape} in the original, {y.shape} after reducing heads")
+                if keep is not None and x.ndim == 4 and keep.shape == (x.shape[0], x.shape[3]) == (x.shape[0],
+                                                                                                    x.shape[2]):
+                    sel = keep[:, None, :, None] & keep[:, None, None, :]
+                    x, y = np.where(sel, x, 0.0), np.where(sel, y, 0.0)
+                elif keep is not None and x.ndim == 3 and keep.shape == x.shape[:2]:
+                    x, y = x[keep], y[keep]
+                err[n] += float(np.sum((y - x) ** 2))
+                tot[n] += float(np.sum(x ** 2))
     for r in rows:
         n = r["tensor"]
         r["measured_rel_error"] = float(np.sqrt(err[n] / tot[n])) if tot[n] > 0 else None

@@ -240,8 +240,9 @@ def _update_heads(accs: list[StatsAccumulator], x: np.ndarray, probs: np.ndarray
     if x.shape[:2] != (b, tk) or x.shape[-1] != req.k:
         raise AssertionError(f"activation {req.tensor!r} has shape {x.shape}, expected [{b}, {tk}, {req.k}]")
     m = row_mask(mask, (b, tq))
+    x = x.astype(np.float64)  # once for every head
     for h, acc in enumerate(accs):
-        acc.update(np.matmul(probs[:, h].astype(np.float64), x.astype(np.float64)), mask=m)
+        acc.update(np.matmul(probs[:, h].astype(np.float64), x), mask=m)
 
 
 def _tensor_names(model: onnx.ModelProto) -> set[str]:

@@ -11,9 +11,11 @@ A block, as the TorchScript (opset 14-17) and dynamo (opset 18) exporters write 
 Names are never read. What is checked: each projection is a linear layer with a constant weight
 (``passes.mlp.Linear``); the split reshapes end in ``[H, d]`` (or ``[-1, d]``, ``[H, -1]``), the
 merge in ``H d`` (or -1); every tensor between a projection and the attention MatMuls is used
-only there; the probabilities reach the context MatMul unchanged (its rows sum to one). Fused
-QKV projections (one weight, then Split/Slice) and ONNX Runtime's fused ``Attention`` /
-``MultiHeadAttention`` ops are declined with their reason.
+only there; the probabilities reach the context MatMul unchanged (its rows sum to one). A fused
+QKV projection (one weight) is followed through a Split on its last axis or the 5-D layout
+``Reshape [.., 3, H, d] -> Transpose(2,0,3,1,4) -> Slice/Gather`` (``Fused``); one cut by Slices
+with computed ends, and ONNX Runtime's fused ``Attention`` / ``MultiHeadAttention`` ops, are
+declined with their reason.
 
 The rewrite (``rewrite_qk`` / ``rewrite_ov``; the math in ``lrcompile.factorize.heads``) gives the
 projections their thinner constants and every shape that names ``d`` (or ``H d``) its new value,
@@ -35,15 +37,6 @@ SCORE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast", "Identity"})
 #: Ops allowed between Softmax and the context MatMul (row sums stay one).
 PROB_OPS = frozenset({"Cast", "Identity", "Dropout"})
 FUSED = frozenset({"Attention", "MultiHeadAttention", "PackedAttention", "GroupQueryAttention"})
-
-
-@dataclass
-class Split:
-    """A head split: ``Reshape(proj, shape)``, and where its shape names ``d``."""
-
-    reshape: gs.Node
-    shape: np.ndarray  # the shape's value (dynamic entries -> 0 placeholder not read)
-    source: str  # "const": the shape input is constant; "concat": a Concat whose last input is
 
 
 @dataclass
@@ -618,13 +611,7 @@ def rewrite_ov(block: AttentionBlock, fit, ctx: RewriteContext, consts: Constant
         v.bias, v.out = None, v.node.outputs[0]
     if block.fused is None:
         _write(v, fit.left, None, "heads", ctx)
-    base = node_label(o.node)
-    o.node.inputs[1] = ctx.const(base, "heads_w", base, (fit.right.T if o.trans else fit.right).astype(o.weight.dtype))
-    if o.bias is not None and fit.right_bias is not None:
-        shape = o.bias_node.inputs[o.bias_index].shape
-        bb = fit.right_bias.astype(o.bias.dtype)
-        bb = bb.reshape([1] * (len(shape) - 1) + [-1]) if shape is not None and len(shape) > 1 else bb
-        o.bias_node.inputs[o.bias_index] = ctx.const(base, "heads_b", base, bb)
+    _write(o, fit.right, fit.right_bias, "heads", ctx)  # an output bias always has the folded one
     if block.fused is None:
         _set_last(block.v_split, fit.rank, ctx, consts)
         _clear_shapes(block.v_split)
@@ -649,16 +636,7 @@ def _write_fused(block: AttentionBlock, parts: dict, ctx: RewriteContext, consts
         f.dims[role] = w.shape[1] // h
     f.w = np.concatenate(cols, axis=1).astype(f.lin.weight.dtype)
     f.b = None if f.lin.bias is None else np.concatenate(bias).astype(f.lin.bias.dtype)
-    lin = f.lin
-    base = node_label(lin.node)
-    lin.node.inputs[1] = ctx.const(base, "heads_w", base, f.w.T if lin.trans else f.w)
-    if lin.bias is not None:
-        shape = lin.bias_node.inputs[lin.bias_index].shape
-        bb = f.b.reshape([1] * (len(shape) - 1) + [-1]) if shape is not None and len(shape) > 1 else f.b
-        lin.bias_node.inputs[lin.bias_index] = ctx.const(base, "heads_b", base, bb)
-    for t in (lin.node.outputs[0], lin.out):
-        if isinstance(t, gs.Variable):
-            t.shape = None
+    _write(f.lin, f.w, f.b, "heads", ctx)
     _set_split_sizes(f.split, [h * f.dims[r] for r in f.order], ctx)
     for role in parts:
         split = getattr(block, f"{role}_split")
