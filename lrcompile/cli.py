@@ -69,6 +69,8 @@ def _field_option(s: Spec):
     elif s.kind in ("int", "float"):
         kw["type"] = click.INT if s.kind == "int" else click.FLOAT
     kw.update(multiple=s.option.multiple, metavar=s.option.metavar)
+    if s.option.flag_value is not None:  # --ray alone, or --ray ADDRESS
+        kw.update(is_flag=False, flag_value=s.option.flag_value)
     d = s.default
     if d not in (None, (), {}):
         kw.update(default=",".join(map(str, d)) if isinstance(d, tuple) else d, show_default=True)

@@ -44,7 +44,7 @@ OFF = "none"
 #: Help sections of the ``compile`` command, in the order ``--help`` and docs/cli.md show them.
 SECTIONS = ("Target", "Form", "Rank policy (per layer)", "Global budget", "Latency", "Method and data", "MLP pruning",
             "Attention", "Fisher information and curvature", "Distillation", "Layer selection", "Verification",
-            "Output and TensorRT")
+            "Output and TensorRT", "Scale")
 
 
 def public_methods() -> tuple[str, ...]:
@@ -81,6 +81,7 @@ class Option:
         section: the help section this field starts (later fields inherit it; see SECTIONS).
         doc: more detail, for docs/cli.md and readers of this file.
         cli: False keeps the field off the command line (it is still an API and report option).
+        flag_value: the value of a text option given without one (``--ray`` alone: a local cluster).
     """
 
     help: str
@@ -92,6 +93,7 @@ class Option:
     section: str | None = None
     doc: str = ""
     cli: bool = True
+    flag_value: str | None = None
 
 
 def opt(default: Any, help: str, **option: Any) -> Any:  # noqa: A002
@@ -267,6 +269,15 @@ class CompileConfig:
     latency_backend: str = opt("auto", "What times the layers: {choices}; auto: TensorRT engines for --target trt "
                                "where TensorRT and a GPU are present, else ONNX Runtime.", choices=("auto", "ort", "trt"),
                                doc="See ``lrcompile.latency`` (OrtTiming, TrtTiming).")
+    workers: int = opt(1, "Processes that fit the weights, collect calibration shards and run the planner's trials "
+                       "side by side (0: one per CPU).", section="Scale",
+                       doc="The output is byte-identical for every N: each unit runs with one BLAS thread and the "
+                       "results are combined in one fixed order (``lrcompile.parallel``, docs/scale.md).")
+    ray: str | None = opt(None, "Run the same units as Ray tasks: 'auto', a cluster address, or alone for a local "
+                          "cluster (pip install 'lrcompile[ray]').", metavar="[ADDRESS]", flag_value="local",
+                          example="--ray 127.0.0.1:6379",
+                          doc="Weights travel through Ray's object store; every node needs the same lrcompile. Put "
+                          "--ray after the model path (or write --ray=ADDRESS): a bare word after it is its address.")
 
     def _check_attention(self) -> None:
         a = self.attention
@@ -339,6 +350,11 @@ class CompileConfig:
             raise LrcError("--min-params must be >= 0")
         if self.tolerance is not None and self.tolerance < 0:
             raise LrcError("--tolerance must be >= 0")
+        if self.workers < 0:
+            raise LrcError(f"--workers {self.workers}: give a number of processes >= 1, or 0 for one per CPU")
+        if self.ray is not None and self.workers != 1:
+            raise LrcError("--workers and --ray both say where the work runs: give one (a Ray cluster's workers are "
+                           "its CPUs)")
 
     def _check_forms(self) -> None:
         names = _form_names()

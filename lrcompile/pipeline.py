@@ -31,6 +31,7 @@ from .engine.rewrite import MIN_IR_VERSION
 from .errors import LrcError, VerificationFailed, is_write_error, note_stage, write_error
 from .io import atomic_output, commit, load_model, same_file, write_model
 from .ir import RewriteContext
+from .parallel import InProcess, Runner, default_workers, make_runner
 from .pruning import MlpPairs, prune_mlps
 from .sites import Sites
 from .report import LayerRecord, sha256, totals
@@ -82,6 +83,7 @@ class _Run:
     result: CompileResult | None = None
     notes: list[str] = field(default_factory=list)  # for the report: what _load changed or chose
     plugins: dict | None = None  # --plugins: the function calls written (engine.functions.Fused)
+    runner: Runner = field(default_factory=InProcess)  # where the units run (--workers / --ray)
 
     def mark(self, name: str) -> None:
         self.t[name] = time.perf_counter()
@@ -101,12 +103,13 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     src = Path(input_path)
     run = _Run(config=config, src=src, out=Path(output) if output is not None else default_output(src),
                progress=progress, t={"start": time.perf_counter()})
-    for stage in STAGES:
-        try:
-            stage.run(run)
-        except Exception as e:  # noted, not handled: the CLI names the stage of an internal error
-            note_stage(e, stage.name)
-            raise
+    with make_runner(config.workers or default_workers(), config.ray) as run.runner:
+        for stage in STAGES:
+            try:
+                stage.run(run)
+            except Exception as e:  # noted, not handled: the CLI names the stage of an internal error
+                note_stage(e, stage.name)
+                raise
     return run.result
 
 
@@ -217,7 +220,7 @@ def _factorize_one_shot(run: _Run) -> None:
         run.reanalyze(analysis)
         planner = run.planner
         run.plan = Plan().decide(analysis.candidates, config, run.evidence, ranks=planner.ranks, forms=planner.forms,
-                                 dense_reasons=planner.dense_reasons, cache=planner.cache)
+                                 dense_reasons=planner.dense_reasons, cache=planner.cache, runner=run.runner)
         planner.annotate(run.plan.records, planner.ranks)
     run.mark("factorize")
     if run.plan:
@@ -248,7 +251,7 @@ def _factorize_sequential(run: _Run) -> None:
                                      reference=run.model if p else None, pairs=False)
             run.calib_info["stages"].append(info)
         ev = Evidence(stats=stats, fisher=run.evidence.fisher, curvature=run.evidence.curvature)
-        p.decide(stage, config, ev, ranks=ranks, forms=forms, dense_reasons=reasons)
+        p.decide(stage, config, ev, ranks=ranks, forms=forms, dense_reasons=reasons, runner=run.runner)
         apply(run.ctx, stage, p)
     if p0 is not None:  # carry the planner's per-layer details over to the final records
         before = {r.node: r for r in p0.records}
@@ -368,6 +371,7 @@ def _write_files(run: _Run) -> None:
         result.report["distillation"] = run.distill_info
         if run.plugins is not None:
             result.report["plugins"] = run.plugins
+        result.report["parallel"] = run.runner.info()
         if ok:
             result.report = _relocate(result.report, tmp, out.parent)
             result.output, result.files = out, [out.parent / f.name for f in files]
@@ -452,23 +456,23 @@ def _plan_sizes(run: _Run):
     Returns ``(plan, planner or None, plan section of the report or None)``."""
     config, model, cands = run.config, run.model, run.analysis.candidates
     if config.budget is None and not config.resolved_latency_aware:
-        return Plan().decide(cands, config, run.evidence, progress=run.progress), None, None
+        return Plan().decide(cands, config, run.evidence, progress=run.progress, runner=run.runner), None, None
     from . import planner as pl
 
     timing = pl.timing_feeds(model, _timing_feed(model, config, run.feeds), config.latency_batches) \
         if config.resolved_latency_aware else None
     if config.budget is None:
-        p = Plan().decide(cands, config, run.evidence, progress=run.progress)
+        p = Plan().decide(cands, config, run.evidence, progress=run.progress, runner=run.runner)
         info = {"budget": None, "latency": pl.latency_declines(p, model, cands, timing, config,
                                                                 progress=run.progress)}
         return p, None, info
     planner = pl.Planner(model, cands, config, evidence=run.evidence, feed=run.feeds[0] if run.feeds else None,
-                         progress=run.progress, pairs=run.pairs)
+                         progress=run.progress, pairs=run.pairs, runner=run.runner)
     if timing is not None:
         planner.limit_latency(timing)
     ranks = planner.run()
     p = Plan().decide(cands, config, run.evidence, progress=run.progress, ranks=ranks, forms=planner.forms,
-                      dense_reasons=planner.dense_reasons, cache=planner.cache)
+                      dense_reasons=planner.dense_reasons, cache=planner.cache, runner=run.runner)
     planner.annotate(p.records, ranks)
     return p, planner, planner.info
 

@@ -32,12 +32,13 @@ import onnx
 from tqdm.auto import tqdm
 
 from .config import CompileConfig
-from .engine import Evidence, Plan, build, sharers
+from .engine import Evidence, Plan, build, detached, sharers
 from .errors import LrcError
 from .factorize import LayerStats
 from .factorize.allocate import Allocation, LayerOptions, allocate, allocate_threshold, min_cost
 from .forms import CONV_FORMS, DEFAULT, FORMS, LAYER_OPS
 from .ir import Candidate, node_label
+from .parallel import InProcess, Task
 
 log = logging.getLogger(__name__)
 
@@ -125,27 +126,36 @@ def form_knobs(form, config: CompileConfig) -> dict:
     return {k: getattr(config, k) for k in getattr(form, "knobs", ())}
 
 
-def build_layers(cands: list[Candidate], config: CompileConfig, evidence: Evidence | None, *, progress: bool
-                 ) -> list[Layer]:
-    """One entry per distinct weight and form: the weight decomposed in full in that form, its
-    error at every size read off the result (a spectrum's tail for low rank)."""
+def fit_full_unit(form: str, cand: Candidate, method: str, stats: list, options: dict):
+    """The full decomposition of ``cand``'s weight in ``form``: a task of ``lrcompile.parallel``."""
+    return FORMS[form].fit_full(cand, method, stats, options)
+
+
+def build_layers(cands: list[Candidate], config: CompileConfig, evidence: Evidence | None, *, progress: bool,
+                 runner=None) -> list[Layer]:
+    """One entry per distinct weight and form: the weight decomposed in full in that form (a task
+    of ``runner``), its error at every size read off the result (a spectrum's tail for low rank)."""
     evidence = evidence or Evidence()
     layers = []
     opts = {"solver": config.solver, "seed": config.seed, **config.method_options}
-    for key, group in tqdm(sharers(cands).items(), desc="spectra", unit="weight", disable=None if progress else True,
-                           leave=False):
+    jobs, tasks = [], []
+    for key, group in sharers(cands).items():
         cand = group[0]
         method, st, note = evidence.for_layer(cand, config.method_for(cand.label), group)
         for form in layer_forms(cand, config):
             knobs = form_knobs(form, config)
-            full = form.fit_full(cand, method, st, {**opts, **knobs})
-            grid = form.sizes(cand, config.multiple, knobs) if knobs else form.sizes(cand, config.multiple)
-            has_bias = full[0].bias is not None
-            err2, spectra = form.curve(full, grid)
-            layers.append(Layer(key=key, cands=group, method=method, stats=st, note=note, spectra=spectra,
-                                totals=[float(np.sum(x**2)) for x in spectra], grid=grid,
-                                params=form.params(cand, grid, bias=has_bias), dense_params=cand.params,
-                                err2=err2, has_bias=has_bias, form=form))
+            jobs.append((key, group, method, st, note, form, knobs))
+            tasks.append(Task(cand.label, fit_full_unit, (form.name, detached(cand), method, st, {**opts, **knobs})))
+    fulls = (runner or InProcess()).map(tasks, what="spectra", progress=progress)
+    for (key, group, method, st, note, form, knobs), full in zip(jobs, fulls):
+        cand = group[0]
+        grid = form.sizes(cand, config.multiple, knobs) if knobs else form.sizes(cand, config.multiple)
+        has_bias = full[0].bias is not None
+        err2, spectra = form.curve(full, grid)
+        layers.append(Layer(key=key, cands=group, method=method, stats=st, note=note, spectra=spectra,
+                            totals=[float(np.sum(x**2)) for x in spectra], grid=grid,
+                            params=form.params(cand, grid, bias=has_bias), dense_params=cand.params,
+                            err2=err2, has_bias=has_bias, form=form))
     return layers
 
 
@@ -190,8 +200,9 @@ class Planner:
 
     def __init__(self, model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *,
                  evidence: Evidence | None = None, feed: dict[str, np.ndarray] | None = None,
-                 progress: bool = False, pairs=None) -> None:
+                 progress: bool = False, pairs=None, runner=None) -> None:
         self.model, self.config, self.evidence = model, config, evidence or Evidence()
+        self.runner = runner or InProcess()
         self.pairs = pairs if pairs is not None and pairs.pairs else None
         self.ranks: dict[str, int] = {}
         self.forms: dict[str, str] = {}  # key -> the chosen form, where a key's choices span several
@@ -200,7 +211,7 @@ class Planner:
         self.cache: dict = {}  # (weight key, rank) -> factorizations, shared by every plan built
         self.info: dict = {"budget": config.budget, "allocation": config.resolved_allocation}
         t0 = time.perf_counter()
-        self.layers = build_layers(cands, config, self.evidence, progress=progress)
+        self.layers = build_layers(cands, config, self.evidence, progress=progress, runner=self.runner)
         if self.pairs is not None:
             self.layers += pair_layers(self.pairs, config, progress=progress)
             kinds = getattr(self.pairs, "kinds", {"mlp": self.pairs})
@@ -234,7 +245,7 @@ class Planner:
             model, _, _ = self.pairs.prune(model, ranks, reason="planner")
             skip = self.pairs.pruned_labels(ranks)
         new, _ = build(model, self.config, ranks, forms=forms, evidence=self.evidence, skip=skip,
-                       dense_reasons=self.dense_reasons, cache=self.cache, base=self.model)
+                       dense_reasons=self.dense_reasons, cache=self.cache, base=self.model, runner=self.runner)
         return new
 
     def evaluator(self, *, search: bool):

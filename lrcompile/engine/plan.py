@@ -12,7 +12,7 @@ its fields.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tqdm.auto import tqdm
 
@@ -20,6 +20,7 @@ from ..config import CompileConfig
 from ..factorize import RankPolicy
 from ..forms import CONV_FORMS, DEFAULT, form_for
 from ..ir import Candidate
+from ..parallel import InProcess, Runner, Task
 from ..report import LayerRecord
 from .analysis import sharers as by_weight
 from .evidence import Evidence
@@ -32,6 +33,37 @@ def factorize_layer(cand: Candidate, config: CompileConfig, policy: RankPolicy, 
     options = {"solver": config.solver, "seed": config.seed, **config.method_options}
     options.update({k: getattr(config, k) for k in getattr(f, "knobs", ())})
     return f.fit(cand, policy, method, stats, options)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A fit the size cannot host (the form's ``ValueError``), as a value a worker can return."""
+
+    reason: str
+
+
+def fit_unit(cand: Candidate, config: CompileConfig, policy: RankPolicy, method: str, stats: list, form: str,
+             auto: bool) -> tuple[str, object]:
+    """One weight's fit, a task of ``lrcompile.parallel``: ``(form name, value)``, the value a
+    :class:`Refused` when the form cannot host the size; ``auto``: the best form
+    (:func:`best_form`)."""
+    try:
+        if auto:
+            f, value = best_form(cand, config, policy, method, stats)
+            return f.name, value
+        return form, factorize_layer(cand, config, policy, method, stats, form)
+    except ValueError as e:
+        return form, Refused(str(e))
+
+
+def detached(cand: Candidate) -> Candidate:
+    """``cand`` without its place in the graph (the node stands alone: same op, name and
+    attributes), so that it travels to a worker without the graph it came from."""
+    import onnx_graphsurgeon as gs
+
+    node = gs.Node(op=cand.node.op, name=cand.label, domain=cand.node.domain,
+                   attrs={k: v for k, v in cand.node.attrs.items() if not isinstance(v, gs.Tensor)})
+    return replace(cand, node=node)
 
 
 #: ``--form auto``: each weight takes the form with the least error at its size.
@@ -170,9 +202,61 @@ class Plan:
             if rec.decision == "factorized" and rec.weight in ctx.stored:
                 rec.stored_after = [c.name for c in ctx.stored[rec.weight]] + list(rec.stored_before or {})
 
+    def _intent(self, cand: Candidate, config: CompileConfig, forms: dict[str, str] | None,
+                ranks: dict[str, int] | None, dense_reasons: dict[str, str]):
+        """``(form, auto, why)``: the form ``cand``'s weight is to take (``auto``: the best of
+        all), and why it stays dense before any fit (None: it is fitted). Changes nothing."""
+        name = (forms or {}).get(cand.weight_key) or config.form_for(cand.label)
+        auto, why = name == AUTO, None
+        try:
+            form = form_for(cand.pass_name, DEFAULT if auto else name)
+        except KeyError as e:
+            if name not in CONV_FORMS:  # a conv form names what k x k convs become; others keep the default
+                why = e.args[0]
+            form = form_for(cand.pass_name, DEFAULT)
+        refuses = getattr(form, "refuses", None)
+        refused = refuses(cand, {k: getattr(config, k) for k in form.knobs}) if refuses else None
+        if refused and form.name in CONV_FORMS:  # a 1 x 1 conv: a matrix, the default form serves it
+            form, refused = form_for(cand.pass_name, DEFAULT), None
+        why = why or refused
+        if why is None and ranks is not None and not ranks.get(cand.weight_key):
+            why = dense_reasons.get(cand.weight_key, "kept dense by the rank allocation")
+        return form, auto, why
+
+    def _fit_new(self, cands, config, evidence, policy, groups, *, ranks, forms, dense_reasons, cache, runner,
+                 progress) -> dict[str, tuple[str, object, float | None]]:
+        """Fit every weight of ``cands`` that this plan has not decided yet, each once (at its
+        first candidate), as tasks of ``runner``. Returns weight key -> ``(form name, value or
+        Refused, seconds or None)``; a value from ``cache`` has no seconds."""
+        seen = set(self._values) | set(self._dense)
+        out, keys, tasks = {}, [], []
+        for cand in cands:
+            key = cand.weight_key
+            if key in seen:
+                continue
+            seen.add(key)
+            form, auto, why = self._intent(cand, config, forms, ranks, dense_reasons)
+            if why:
+                continue
+            method, st, _ = evidence.for_layer(cand, config.method_for(cand.label), groups[key])
+            pol = policy if ranks is None else RankPolicy(rank=int(ranks[key]), multiple=1)
+            ck = (key, form.name, pol.rank) if cache is not None and pol.rank is not None else None
+            if ck is not None and ck in cache:
+                out[key] = (form.name, cache[ck], None)
+                continue
+            keys.append((key, None if auto else ck))
+            tasks.append(Task(cand.label, fit_unit, (detached(cand), config, pol, method, st, form.name, auto)))
+        for (key, ck), ((name, value), seconds) in zip(keys, (runner or InProcess()).map_timed(
+                tasks, what="fit", progress=progress)):
+            out[key] = (name, value, seconds)
+            if ck is not None and not isinstance(value, Refused):
+                cache[ck] = value
+        return out
+
     def decide(self, cands: list[Candidate], config: CompileConfig, evidence: Evidence | None = None, *,
                progress: bool = False, ranks: dict[str, int] | None = None, forms: dict[str, str] | None = None,
-               dense_reasons: dict[str, str] | None = None, cache: dict | None = None) -> "Plan":
+               dense_reasons: dict[str, str] | None = None, cache: dict | None = None,
+               runner: Runner | None = None) -> "Plan":
         """Fit each distinct weight of ``cands`` once and decide per candidate.
 
         Args:
@@ -183,24 +267,17 @@ class Plan:
                 ``--form`` / ``--layer-form``).
             dense_reasons: weight key -> why the planner kept it dense (for the report).
             cache: ``(weight key, form, size) -> value``, shared by a planner's repeated plans.
+            runner: where the fits run (``lrcompile.parallel``; default: here, one after another).
+                The decisions are taken here, in the order of ``cands``, whatever ran the fits.
         """
         evidence = evidence or Evidence()
         policy = config.policy()
         dense_reasons = dense_reasons or {}
         groups = by_weight(cands)
+        fitted = self._fit_new(cands, config, evidence, policy, groups, ranks=ranks, forms=forms,
+                               dense_reasons=dense_reasons, cache=cache, runner=runner, progress=progress)
         for cand in tqdm(cands, desc="factorize", unit="layer", disable=None if progress else True, leave=False):
-            name = (forms or {}).get(cand.weight_key) or config.form_for(cand.label)
-            auto = name == AUTO
-            try:
-                form = form_for(cand.pass_name, DEFAULT if auto else name)
-            except KeyError as e:
-                if name not in CONV_FORMS:  # a conv form names what k x k convs become; others keep the default
-                    self._dense.setdefault(cand.weight_key, e.args[0])
-                form = form_for(cand.pass_name, DEFAULT)
-            refuses = getattr(form, "refuses", None)
-            why = refuses(cand, {k: getattr(config, k) for k in form.knobs}) if refuses else None
-            if why and form.name in CONV_FORMS:  # a 1 x 1 conv: a matrix, the default form serves it
-                form, why = form_for(cand.pass_name, DEFAULT), None
+            form, auto, why = self._intent(cand, config, forms, ranks, dense_reasons)
             if why:
                 self._dense.setdefault(cand.weight_key, why)
             rec = LayerRecord(node=cand.label, op=cand.node.op, shape=list(cand.matrices[0].shape),
@@ -230,28 +307,18 @@ class Plan:
                             continue
                         value = self._views[key] = view
             else:
-                method, st, rec.reason = evidence.for_layer(cand, config.method_for(cand.label), groups[key])
-                t0 = time.perf_counter()
-                pol = policy if ranks is None else RankPolicy(rank=int(ranks[key]), multiple=1)
-                ck = (key, form.name, pol.rank) if cache is not None and pol.rank is not None else None
-                if ck is not None and ck in cache:
-                    value = cache[ck]
-                elif auto:
-                    form, value = best_form(cand, config, pol, method, st)
-                else:
-                    try:
-                        value = factorize_layer(cand, config, pol, method, st, form.name)
-                    except ValueError as e:
-                        if form.name == DEFAULT:
-                            raise
-                        why = f"{form.name}: {e}"  # e.g. a budget too small for the form's parts
-                        self._dense[key] = why
-                        rec.decision, rec.reason = "declined", why
-                        self.records.append(rec)
-                        continue
-                    if ck is not None:
-                        cache[ck] = value
-                rec.seconds = round(time.perf_counter() - t0, 4)
+                _, _, rec.reason = evidence.for_layer(cand, config.method_for(cand.label), groups[key])
+                name, value, seconds = fitted[key]
+                form = form_for(cand.pass_name, name)
+                if isinstance(value, Refused):
+                    if form.name == DEFAULT:
+                        raise ValueError(value.reason)
+                    why = f"{form.name}: {value.reason}"  # e.g. a budget too small for the form's parts
+                    self._dense[key] = why
+                    rec.decision, rec.reason = "declined", why
+                    self.records.append(rec)
+                    continue
+                rec.seconds = round(seconds, 4) if seconds is not None else None
             rec.rank, rec.method, rec.info = form.size(value), form.method(value), form.info(value)
             rec.params_after = form.storage(value).params
             rec.rel_error, rec.objective_error = form.errors(cand, value)
@@ -284,4 +351,4 @@ def plan(cands: list[Candidate], config: CompileConfig, evidence: Evidence | Non
     return Plan().decide(cands, config, evidence, **kw)
 
 
-__all__ = ["AUTO", "Plan", "best_form", "factorize_layer", "plan"]
+__all__ = ["AUTO", "Plan", "Refused", "best_form", "detached", "factorize_layer", "fit_unit", "plan"]

@@ -133,13 +133,13 @@ def sparse_initializers(graph: onnx.GraphProto, names: set[str] | frozenset[str]
 def build(model: onnx.ModelProto, config: CompileConfig, ranks: dict[str, int], *,
           forms: dict[str, str] | None = None, evidence: Evidence | None = None, skip: frozenset[str] = frozenset(),
           dense_reasons: dict[str, str] | None = None, cache: dict | None = None,
-          base: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, Plan]:
+          base: onnx.ModelProto | None = None, runner=None) -> tuple[onnx.ModelProto, Plan]:
     """``model`` with each weight at its size in ``ranks`` (0 or missing: dense), in its form in
     ``forms`` (missing: the default form): a fresh import, planned and rewritten. ``base``: the
-    model whose fields the result keeps (default ``model``)."""
+    model whose fields the result keeps (default ``model``); ``runner``: where the fits run."""
     analysis = analyze(model, config, skip=skip)
     p = Plan().decide(analysis.candidates, config, evidence, ranks=ranks, forms=forms, dense_reasons=dense_reasons,
-                      cache=cache)
+                      cache=cache, runner=runner)
     ctx = context(analysis.graph)
     apply(ctx, analysis.candidates, p)
     return export(analysis.graph, base if base is not None else model, ctx.sparse), p
