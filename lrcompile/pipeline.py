@@ -141,6 +141,7 @@ def _load(run: _Run) -> None:
         next(iter_calibration(CalibSource(config.distill, 1, 1, flag="--distill"), run.model), None)
     if config.verify or config.target in ("ort", "trt") or config.flops is not None or config.resolved_latency_aware:
         run.feeds = _feeds(run, config)
+        run.memory.mark("feeds")
 
 
 def _prune(run: _Run) -> None:
@@ -589,6 +590,7 @@ def _judge(diffs: list[dict] | None, config: CompileConfig):
 #: their pages are read; "the largest tensor" below means the largest such weight.
 MEMORY_BOUNDS = {
     "load": "the model's protobuf without its external data (tensors stored inside the .onnx file are in memory)",
+    "feeds": "the original in ONNX Runtime (it reads every weight into its own memory), run on the candidate feeds",
     "prune": "the model with the pruned MLP pairs' new weights in memory, and their calibration statistics",
     "attention": "the model with the reduced heads' new weights in memory, and their calibration statistics",
     "analyze": "the graph and its candidates: weights stay mapped and unread, except constant subgraphs evaluated "

@@ -18,6 +18,8 @@ such a block :func:`folder` is None, which is the eager world of today (``load_m
 - :func:`release` drops the resident pages of mapped arrays (``madvise(MADV_DONTNEED)`` on their
   mapping; the mapping stays valid and a later read faults the pages back in from the page cache).
   Arrays that are not mapped are left alone, so callers release whatever they were given.
+  ``engine.analyze`` releases each weight once matched (the match reads it whole: a NaN check),
+  ``engine.apply`` once rewritten.
 - :func:`portable` turns a mapped array into a :class:`FileRef` (file, offset, shape, strides,
   dtype) that pickles in a few hundred bytes; :func:`resolve` maps it again in another process.
   Arrays not backed by a file pass through both unchanged.
@@ -176,6 +178,12 @@ def release(*arrays) -> int:
     return done
 
 
+def release_constants(tensors) -> int:
+    """:func:`release` the loaded mapped values of the constants among ``tensors`` (a node's
+    inputs, say) without loading any; returns the bytes of mapping released."""
+    return release(*(t._values for t in tensors if isinstance(t, gs.Constant) and isinstance(t._values, np.ndarray)))
+
+
 def release_graph(graph: gs.Graph) -> int:
     """Put every constant of ``graph`` (subgraphs too) that holds its loaded mapped values back to
     lazy, releasing their pages, so that the exporter writes the original reference. Returns how
@@ -223,5 +231,5 @@ def resolve(ref):
     return np.ndarray(ref.shape, dtype=np.dtype(ref.dtype), buffer=m, offset=at + ref.first, strides=ref.strides)
 
 
-__all__ = ["FileRef", "MappedValues", "folder", "import_graph", "portable", "reading", "release", "release_graph",
-           "resolve", "to_array"]
+__all__ = ["FileRef", "MappedValues", "folder", "import_graph", "portable", "reading", "release", "release_constants",
+           "release_graph", "resolve", "to_array"]

@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 from ..config import CompileConfig
 from ..ir import FOLDABLE_OPS, Candidate, ConstantResolver, Decline, node_label
 from ..report import LayerRecord
-from ..weights import import_graph
+from ..weights import import_graph, release_constants
 
 
 @dataclass
@@ -68,6 +68,7 @@ def analyze(model: onnx.ModelProto, config: CompileConfig, skip: frozenset[str] 
             declines.append(Decline(node, p.name, "name not matched by --include"))
             continue
         m = p.match(node, consts)
+        release_constants(node.inputs)  # the match read the weight (and checked it): its pages can go
         if m is None:
             continue
         if isinstance(m, Candidate) and m.params < config.min_params:
