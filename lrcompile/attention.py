@@ -38,6 +38,7 @@ from .errors import LrcError
 from .forms import FORMS
 from .ir import ConstantResolver, node_label
 from .report import LayerRecord
+from .weights import import_graph
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class HeadPair:
 def _find(model: onnx.ModelProto, config: CompileConfig):
     from .passes import attention
 
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     consts = ConstantResolver(graph)
     nodes = [n for n in graph.nodes if n.domain in (None, "", "ai.onnx", "com.microsoft")]
     blocks, reasons = attention.find_blocks(graph, consts, nodes)

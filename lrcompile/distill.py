@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .config import DISTILL_MATCHES
 from .errors import LrcError
+from .weights import to_array
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +272,7 @@ def distill(
     teacher_out = [o.name for o in teacher.get_outputs()]
 
     torch.manual_seed(seed)
-    leaves = {w: torch.nn.Parameter(torch.from_numpy(numpy_helper.to_array(inits[w]).copy())) for w in lifted}
+    leaves = {w: torch.nn.Parameter(torch.from_numpy(to_array(inits[w]).copy())) for w in lifted}
     by_output = modules_by_output(gm)
     baked_params: dict[str, torch.nn.Parameter] = {}
     for node in compressed.graph.node:

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from .errors import LrcError
 from .io import load_npz
+from .weights import import_graph, to_array
 
 if TYPE_CHECKING:
     from .ir import Candidate
@@ -245,15 +246,13 @@ def _constant_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.n
     out, rest = {}, []
     for n in names:
         if n in inits:
-            out[n] = numpy_helper.to_array(inits[n])
+            out[n] = to_array(inits[n])
         else:
             rest.append(n)
     if rest:
-        import onnx_graphsurgeon as gs
-
         from .ir import ConstantResolver
 
-        graph = gs.import_onnx(model)
+        graph = import_graph(model)
         tensors, consts = graph.tensors(), ConstantResolver(graph)
         for n in rest:
             r = consts.resolve(tensors[n]) if n in tensors else None
@@ -422,7 +421,7 @@ def _zero_free_reshapes(m: onnx.ModelProto) -> list[int]:
         Shape (``dim`` an int, a symbol name, or None when unknown); None when not of that form."""
         t = inits.get(name) or consts.get(name)
         if t is not None:
-            v = numpy_helper.to_array(t)
+            v = to_array(t)
             return [("c", int(x)) for x in v.reshape(-1)] if v.ndim <= 1 and v.dtype.kind in "iu" else None
         src = producer.get(name)
         if src is None or src.domain not in ("", "ai.onnx"):

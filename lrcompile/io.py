@@ -3,17 +3,26 @@
 Loading never modifies the input file. Saving is atomic (everything is written into a temporary
 folder beside the destination and moved into place only once complete) and deterministic
 (protobuf's deterministic serialization, stable external-data layout).
+
+``load_model(path, lazy=True)`` leaves external data where it is: the tensors keep their
+references, relative to the model's folder, and readers resolve them inside
+``lrcompile.weights.reading(folder)``. ``write_model`` copies such a tensor from its file into the
+output's data file in chunks, so no tensor is copied whole into memory; a model written without
+external data (under protobuf's limit) has its referenced tensors read in first. Either way the
+bytes are those an eager load would have written.
 """
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
@@ -75,8 +84,9 @@ def opset_of(model: onnx.ModelProto) -> int:
     raise LrcError("the model imports no default ONNX opset; re-export it with opset 11 to 23")
 
 
-def load_model(path: str | os.PathLike, *, notes: list[str] | None = None) -> onnx.ModelProto:
-    """Load and validate an ONNX model, with its external data.
+def load_model(path: str | os.PathLike, *, notes: list[str] | None = None, lazy: bool = False) -> onnx.ModelProto:
+    """Load and validate an ONNX model, with its external data (``lazy``: its references, checked
+    but not read; read them inside ``lrcompile.weights.reading(path's folder)``).
 
     A model at opset ``MIN_CONVERTIBLE_OPSET`` to ``MIN_OPSET - 1`` comes back converted to
     ``CONVERT_TO_OPSET`` with onnx.version_converter (the file is not touched); one warning is
@@ -114,10 +124,13 @@ def load_model(path: str | os.PathLike, *, notes: list[str] | None = None) -> on
             f"guarantees opset {MIN_CONVERTIBLE_OPSET} and up): re-export the model at a newer opset"
         )
     check_external_data(model, p.parent)
-    try:
-        onnx.load_external_data_for_model(model, str(p.parent))
-    except (OSError, ValueError) as e:
-        raise LrcError(f"{p}: cannot read its external data ({e}); check the files beside the model") from None
+    if not lazy or opset < MIN_OPSET:  # the version converter rewrites tensors: it needs them in memory
+        try:
+            onnx.load_external_data_for_model(model, str(p.parent))
+        except (OSError, ValueError) as e:
+            raise LrcError(f"{p}: cannot read its external data ({e}); check the files beside the model") from None
+    else:
+        check_lengths(model, p.parent, p)
     if opset < MIN_OPSET:
         model = convert_opset(model, p)
         line = (f"opset {opset} converted to opset {CONVERT_TO_OPSET} with onnx.version_converter "
@@ -163,8 +176,30 @@ def load_npz(path: Path, what: str) -> dict:
         raise LrcError(f"{what} {path} is not a readable .npz ({type(e).__name__}); save it with np.savez") from None
 
 
+def check_lengths(model: onnx.ModelProto, base_dir: Path, p: Path) -> None:
+    """One LrcError line when an external tensor's bytes run past the end of its file (what an
+    eager load finds while reading)."""
+    for t in all_tensors(model):
+        if uses_external_data(t):
+            info = ExternalDataInfo(t)
+            end = int(info.offset or 0) + external_length(t)
+            if end > (base_dir / info.location).stat().st_size:
+                raise LrcError(f"{p}: cannot read its external data (tensor {t.name!r} runs past the end of "
+                               f"{info.location}); check the files beside the model")
+
+
+def external_length(t: onnx.TensorProto) -> int:
+    """The bytes of an external tensor: its recorded length, else what its shape and type take."""
+    info = ExternalDataInfo(t)
+    if info.length is not None:
+        return int(info.length)
+    return int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in all_tensors(model) if t.HasField("raw_data"))
+    """The bytes of the model's tensors, those stored as external data too."""
+    return sum(len(t.raw_data) if t.HasField("raw_data") else external_length(t) if uses_external_data(t) else 0
+               for t in all_tensors(model))
 
 
 @contextmanager
@@ -181,24 +216,88 @@ def atomic_output(dest: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_model(model: onnx.ModelProto, path: Path, *, external_data: bool | None = None) -> list[Path]:
+#: Tensors of at least this many bytes (as ``sys.getsizeof`` counts their raw data, as onnx's
+#: ``convert_model_to_external_data`` does) go to the external data file.
+EXTERNAL_SIZE_THRESHOLD = 1024
+#: External tensors are copied into the output's data file this many bytes at a time.
+COPY_CHUNK = 16 << 20
+
+
+def write_model(model: onnx.ModelProto, path: Path, *, external_data: bool | None = None,
+                base_dir: Path | None = None) -> list[Path]:
     """Serialize ``model`` to ``path`` (a fresh path, typically inside an atomic_output folder).
 
     With external data (forced, or automatic past ~1.8 GB of tensors) all tensors over 1 KiB go to
-    ``<name>.data`` beside the file. Returns the files written. ``model`` is modified in place
-    when external data is used (its tensors then point to the data file), so pass a copy you own.
+    ``<name>.data`` beside the file, in the order of ``all_tensors``, each appended at the end (the
+    layout onnx's ``convert_model_to_external_data`` + ``write_external_data_tensors`` give).
+    Tensors that are references to external data (a lazily loaded model) resolve against
+    ``base_dir`` (default: ``lrcompile.weights.folder()``): with external data they are copied
+    from their file in chunks of ``COPY_CHUNK`` bytes; without, they are read into the model first.
+    Returns the files written. ``model`` is modified in place (its in-memory tensors then point to
+    the data file; its references are restored to their source), so pass a copy you own.
     """
     use_ext = external_data if external_data is not None else tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    refs = [t for t in all_tensors(model) if uses_external_data(t)]
+    if refs:
+        from .weights import folder
+
+        base_dir = Path(base_dir) if base_dir is not None else folder()
+        if base_dir is None:
+            raise AssertionError("a model with external-data references written without their folder")
     if not use_ext:
+        for t in refs:
+            onnx.external_data_helper.load_external_data_for_tensor(t, str(base_dir))
         path.write_bytes(model.SerializeToString(deterministic=True))
         return [path]
     data_name = path.name + ".data"
-    onnx.external_data_helper.convert_model_to_external_data(
-        model, all_tensors_to_one_file=True, location=data_name, size_threshold=1024, convert_attribute=True
-    )
-    onnx.external_data_helper.write_external_data_tensors(model, str(path.parent))
-    path.write_bytes(model.SerializeToString(deterministic=True))
+    sources = {id(t): list(t.external_data) for t in refs}
+    try:
+        with open(path.parent / data_name, "wb") as out:
+            for t in all_tensors(model):
+                if id(t) in sources:
+                    if external_length(t) + sys.getsizeof(b"") < EXTERNAL_SIZE_THRESHOLD:
+                        onnx.external_data_helper.load_external_data_for_tensor(t, str(base_dir))
+                        sources.pop(id(t))  # small: kept in the model, as an eager load would
+                        continue
+                    offset = out.tell()
+                    _copy_range(t, base_dir, out)
+                    _point(t, data_name, offset, out.tell() - offset)
+                elif t.HasField("raw_data") and sys.getsizeof(t.raw_data) >= EXTERNAL_SIZE_THRESHOLD:
+                    offset = out.tell()
+                    out.write(t.raw_data)
+                    onnx.external_data_helper.set_external_data(t, data_name, offset, out.tell() - offset)
+                    t.ClearField("raw_data")
+        path.write_bytes(model.SerializeToString(deterministic=True))
+    finally:
+        for t in refs:  # the model still reads its references from their source
+            if id(t) in sources:
+                del t.external_data[:]
+                t.external_data.extend(sources[id(t)])
     return [path, path.parent / data_name]
+
+
+def _copy_range(t: onnx.TensorProto, base_dir: Path, out) -> None:
+    """Append external tensor ``t``'s bytes to file ``out``, ``COPY_CHUNK`` bytes at a time."""
+    info = ExternalDataInfo(t)
+    left = external_length(t)
+    with open(base_dir / info.location, "rb") as f:
+        f.seek(int(info.offset or 0))
+        while left:
+            chunk = f.read(min(COPY_CHUNK, left))
+            if not chunk:
+                raise OSError(f"external data {info.location} ends before tensor {t.name!r} does")
+            out.write(chunk)
+            left -= len(chunk)
+
+
+def _point(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make ``t``'s external data entries ``location``, ``offset``, ``length`` (in that order, as
+    ``onnx.external_data_helper.set_external_data`` writes them)."""
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", offset), ("length", length)):
+        e = t.external_data.add()
+        e.key, e.value = k, str(v)
 
 
 def commit(files: list[Path], dest_dir: Path) -> list[Path]:

@@ -31,10 +31,12 @@ from .engine.rewrite import MIN_IR_VERSION
 from .errors import LrcError, VerificationFailed, is_write_error, note_stage, write_error
 from .io import atomic_output, commit, load_model, same_file, write_model
 from .ir import RewriteContext
+from .memory import PhasePeaks
 from .parallel import InProcess, Runner, default_workers, make_runner
 from .pruning import MlpPairs, prune_mlps
 from .sites import Sites
 from .report import LayerRecord, sha256, totals
+from .weights import reading
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +87,12 @@ class _Run:
     plugins: dict | None = None  # --plugins: the function calls written (engine.functions.Fused)
     runner: Runner = field(default_factory=InProcess)  # where the units run (--workers / --ray)
 
+    memory: PhasePeaks = field(default_factory=PhasePeaks)  # each phase's peak resident memory
+
     def mark(self, name: str) -> None:
+        """Phase ``name`` ends: its time, and its peak resident memory since the previous mark."""
         self.t[name] = time.perf_counter()
+        self.memory.mark(name)
 
     def reanalyze(self, analysis: Analysis) -> None:
         self.analysis, self.ctx = analysis, context(analysis.graph)
@@ -103,7 +109,9 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
     src = Path(input_path)
     run = _Run(config=config, src=src, out=Path(output) if output is not None else default_output(src),
                progress=progress, t={"start": time.perf_counter()})
-    with make_runner(config.workers or default_workers(), config.ray) as run.runner:
+    # the model's external data is read from its folder, mapped, when needed; the units of work run
+    # where --workers / --ray say
+    with reading(src.parent), make_runner(config.workers or default_workers(), config.ray) as run.runner:
         for stage in STAGES:
             try:
                 stage.run(run)
@@ -119,7 +127,8 @@ def compile_model(input_path: str | Path, output: str | Path | None = None,
 def _load(run: _Run) -> None:
     """Read the model, check the output path, and fail early on what would fail late."""
     config, src, out = run.config, run.src, run.out
-    run.model = run.original = load_model(src, notes=run.notes)
+    run.model = run.original = load_model(src, notes=run.notes, lazy=True)
+    run.memory.mark("load")
     if run.model.ir_version < MIN_IR_VERSION:
         run.notes.append(f"IR version {run.model.ir_version} raised to {MIN_IR_VERSION} in the output "
                          "(below 4 every initializer must also be listed as a graph input)")
@@ -136,6 +145,7 @@ def _load(run: _Run) -> None:
         next(iter_calibration(CalibSource(config.distill, 1, 1, flag="--distill"), run.model), None)
     if config.verify or config.target in ("ort", "trt") or config.flops is not None or config.resolved_latency_aware:
         run.feeds = _feeds(run, config)
+        run.memory.mark("feeds")
 
 
 def _prune(run: _Run) -> None:
@@ -358,6 +368,7 @@ def _write_files(run: _Run) -> None:
         )
         result.report = build_report(result, notes=run.notes + notes + verdict.failures + verdict.unverified,
                                      folded=run.analysis.folded)
+        result.report["memory"] = run.memory.to_dict(MEMORY_BOUNDS)
         if diffs is not None:
             result.report["verification"]["verdict"] = verdict.to_dict()
         calib_info = run.calib_info
@@ -577,6 +588,32 @@ def _judge(diffs: list[dict] | None, config: CompileConfig):
     from .verdict import judge
 
     return judge(diffs, tolerance=config.tolerance, min_cosine=config.min_cosine)
+
+
+#: What each phase holds in memory (the report's ``memory.bounds``; docs/scale.md#memory). Weights
+#: stored as external data are mapped from their file and count in the resident set only while
+#: their pages are read; "the largest tensor" below means the largest such weight.
+MEMORY_BOUNDS = {
+    "load": "the model's protobuf without its external data (tensors stored inside the .onnx file are in memory)",
+    "feeds": "the original in ONNX Runtime (it reads every weight into its own memory), run on the candidate feeds",
+    "prune": "the model with the pruned MLP pairs' new weights in memory, and their calibration statistics",
+    "attention": "the model with the reduced heads' new weights in memory, and their calibration statistics",
+    "analyze": "the graph and its candidates: weights stay mapped and unread, except constant subgraphs evaluated "
+               "and the copies a candidate keeps of a weight it reads transposed or reshaped (Conv, Gemm transB, "
+               "MatMul with the weight on the left): these are in memory until the write",
+    "calibrate": "ONNX Runtime running the whole model (it reads every weight into its own memory) and the "
+                 "statistics of each candidate's input (K x K per layer); Fisher and curvature evidence too",
+    "factorize": "per weight fitted: the weight's pages and the solver's work arrays (a few times the weight), "
+                 "plus every value fitted so far; a weight's pages are dropped once it is released after its fit",
+    "rewrite": "every factor made, in memory until the write (none is spilled to disk); the weights read are "
+               "released and exported as their references to the input's data",
+    "distill": "the original and the rewritten model in torch (every weight in memory) and ONNX Runtime",
+    "check": "the output written (the protobuf with the new factors inline in memory while serialized, weights "
+             "kept copied from the input's data 16 MiB at a time) and onnx.checker reading it by path",
+    "verify": "the original and the output in ONNX Runtime at once (both read their weights into memory), "
+              "the feeds and both models' outputs",
+    "target": "the target's own tool on the output (ORT's optimizer, or TensorRT's builder)",
+}
 
 
 def build_report(res: CompileResult, *, notes: list[str], folded: list[str]) -> dict:

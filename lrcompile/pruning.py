@@ -35,6 +35,7 @@ from .factorize import LayerStats
 from .forms import FORMS
 from .ir import ConstantResolver, node_label
 from .report import LayerRecord
+from .weights import import_graph
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ FORM = FORMS["channels"]
 def _find(model: onnx.ModelProto, config: CompileConfig):
     from .passes import mlp
 
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     nodes = [n for n in graph.nodes if n.domain in (None, "", "ai.onnx")]
     pairs, reasons = mlp.find_pairs(graph, ConstantResolver(graph), nodes)
     pairs = [pr for pr in pairs if all(selected(node_label(n), n.op, config) for n in (pr.up.node, pr.down.node))]

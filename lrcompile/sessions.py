@@ -6,6 +6,9 @@ the installed onnxruntime offers CUDA, else CPU), optional intra-op threads and 
 A model may be given as a path (external data beside it is found by ORT), as serialized bytes, or
 as a ``ModelProto``: in memory when it fits protobuf's limit, else through a file in ``tmp``.
 ``with_outputs`` and ``capture`` expose intermediate tensors for calibration, timing and distill.
+A model given in memory whose tensors are references to external data (a lazily loaded model,
+``lrcompile.weights``) is read by ORT from the folder ``lrcompile.weights.folder()`` names, through
+the session config entry ``session.model_external_initializers_file_folder_path``.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx.external_data_helper import uses_external_data
 
 from .errors import LrcError
 
@@ -22,6 +26,8 @@ WARNING = 2
 ERROR = 3
 #: Models at or above this many bytes go through a file instead of bytes (protobuf's limit).
 INLINE_LIMIT = 1_800_000_000
+#: The session config entry that says where a model given as bytes finds its external data.
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
 def default_providers() -> list[str]:
@@ -93,6 +99,11 @@ def session(model: str | Path | bytes | onnx.ModelProto, providers: list[str] | 
             path = Path(tmp) / f"{_safe(model.graph.name)}.onnx"
             write_model(model, path, external_data=True)
             model = path
+    if not isinstance(model, Path):
+        from .weights import folder
+
+        if folder() is not None:  # references to external data resolve in the model's folder
+            so.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(folder()))
     try:
         return ort.InferenceSession(str(model) if isinstance(model, Path) else model, so, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph/... types
@@ -117,9 +128,16 @@ def capture(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarra
     from the feeds; the rest are exposed as extra outputs for one run, through a file)."""
     from .io import write_model
 
+    from .io import all_tensors
+
     got = {n: np.asarray(feeds[n]) for n in names if n in feeds}
     rest = [n for n in names if n not in got]
-    if rest:
+    if rest and any(uses_external_data(t) for t in all_tensors(model)):  # small in memory: no file needed
+        sess = session(with_outputs(model, rest), providers, tmp=tmp)
+        graph_in = {i.name for i in sess.get_inputs()}
+        got.update(zip(rest, sess.run(rest, {k: v for k, v in feeds.items() if k in graph_in})))
+        del sess
+    elif rest:
         with tempfile.TemporaryDirectory(prefix="lrcompile-capture-", dir=tmp) as d:
             path = Path(d) / "capture.onnx"
             write_model(with_outputs(model, rest), path)
@@ -130,5 +148,5 @@ def capture(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarra
     return got
 
 
-__all__ = ["ERROR", "INLINE_LIMIT", "WARNING", "capture", "default_providers", "session", "session_options",
+__all__ = ["ERROR", "EXTERNAL_FOLDER_KEY", "INLINE_LIMIT", "WARNING", "capture", "default_providers", "session", "session_options",
            "with_outputs"]

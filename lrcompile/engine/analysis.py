@@ -11,6 +11,7 @@ import onnx_graphsurgeon as gs
 from ..config import CompileConfig
 from ..ir import FOLDABLE_OPS, Candidate, ConstantResolver, Decline, node_label
 from ..report import LayerRecord
+from ..weights import import_graph, release_constants
 
 
 @dataclass
@@ -45,7 +46,7 @@ def analyze(model: onnx.ModelProto, config: CompileConfig, skip: frozenset[str] 
     labelled in ``skip`` (already compressed another way) are neither."""
     from lrcompile.passes import BY_OP
 
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     consts = ConstantResolver(graph)
     cands: list[Candidate] = []
     declines: list[Decline] = []
@@ -67,6 +68,7 @@ def analyze(model: onnx.ModelProto, config: CompileConfig, skip: frozenset[str] 
             declines.append(Decline(node, p.name, "name not matched by --include"))
             continue
         m = p.match(node, consts)
+        release_constants(node.inputs)  # the match read the weight (and checked it): its pages can go
         if m is None:
             continue
         if isinstance(m, Candidate) and m.params < config.min_params:

@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 
 from ..config import CompileConfig
 from ..ir import Candidate, Namer, RewriteContext, store_once
+from ..weights import release, release_graph
 from .analysis import analyze
 from .evidence import Evidence
 from .plan import Plan
@@ -59,6 +60,7 @@ def apply(ctx: RewriteContext, cands: list[Candidate], plan: Plan) -> Applied:
         except Exception as e:  # noqa: BLE001 - any failure here is ours: name where it happened
             raise RewriteError(cand.label, cand.pass_name, form.name, e) from e
         done.rewritten.setdefault(form.name, []).append(cand.label)
+        release(*cand.matrices)  # a weight mapped from external data: its pages are no longer needed
     ctx.graph.cleanup(remove_unused_graph_inputs=False).toposort()
     plan.note_written(ctx)
     return done
@@ -77,6 +79,7 @@ def export(graph: gs.Graph, original: onnx.ModelProto, sparse: set[str] | frozen
     initializers as graph inputs, as IR versions 1 to 3 require). The initializers named in
     ``sparse`` (``RewriteContext.sparse``) are stored as sparse initializers where that is
     smaller (:func:`sparse_initializers`)."""
+    release_graph(graph)  # constants read from external data: exported as their references again
     model = gs.export_onnx(graph, do_type_check=False)
     if sparse:
         sparse_initializers(model.graph, sparse)
