@@ -35,7 +35,7 @@ line if the CLI lacks an option a configuration needs.
 
 Outputs (``--out DIR``, default benchmarks/results/scale): ``<name>.json`` (everything above, plus the
 environment) and ``<name>.md`` (a table), ``<name>`` from ``--name`` (default: the model's folder
-name). Each configuration's compiled files are deleted once hashed unless ``--keep`` (they go to
+name; ``--reports`` keeps each compile's report in ``<name>.reports/``). Each configuration's compiled files are deleted once hashed unless ``--keep`` (they go to
 ``DIR/<name>.outputs/<config>.r<round>/``, else to a temporary folder beside them, on the same disk).
 
 ``--layer-costs REPORT.json [...]``: no compile; summarize the per-layer ``seconds`` of existing
@@ -355,7 +355,7 @@ class RayCluster:
 
 
 def run_one(lrcompile: list[str], model: Path, cfg: str, extra: list[str], folder: Path, ray: RayCluster | None,
-            blas: int, keep: bool) -> dict:
+            blas: int, keep: bool, reports: Path | None = None) -> dict:
     folder.mkdir(parents=True)
     out, report = folder / OUT_NAME, folder.parent / f"{folder.name}.report.json"
     cmd = lrcompile + [str(model), "-o", str(out), "--report", str(report), "-q",
@@ -388,7 +388,11 @@ def run_one(lrcompile: list[str], model: Path, cfg: str, extra: list[str], folde
         entry["error"] = next((ln for ln in reversed(text.strip().splitlines()) if ln.strip()), "no output")[:400]
     if report.is_file():
         rep = json.loads(report.read_text())
-        report.unlink()
+        if reports is not None:
+            reports.mkdir(parents=True, exist_ok=True)
+            entry["report"] = str(shutil.move(report, reports / report.name))
+        else:
+            report.unlink()
         entry["phases_s"] = phase_seconds(rep.get("timings_s"))
         entry["timings_s"] = rep.get("timings_s")
         entry["memory"] = rep.get("memory")
@@ -489,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default: %(default)s)")
     parser.add_argument("--name", help="results file name (default: the model's folder name)")
     parser.add_argument("--keep", action="store_true", help="keep the compiled outputs (DIR/NAME.outputs/)")
+    parser.add_argument("--reports", action="store_true", help="keep each compile's JSON report "
+                        "(DIR/NAME.reports/CONFIG.rROUND.report.json; input of --layer-costs)")
     parser.add_argument("--ray-address", help="use this running Ray cluster instead of starting one")
     parser.add_argument("--ray-nodes", type=int, default=2, help="nodes of the local cluster (default 2)")
     parser.add_argument("--ray-cpus", type=int, default=1, help="CPUs per local node (default 1)")
@@ -554,7 +560,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             for cfg in names[shift:] + names[:shift]:
                 k += 1
                 entry = run_one(lrcompile, model, cfg, extra, work / f"{cfg}.r{rnd}", ray, args.blas_threads,
-                                args.keep)
+                                args.keep, out / f"{name}.reports" if args.reports else None)
                 entry["round"] = rnd
                 first = next((r for r in result["runs"] if r["returncode"] == 0), None)
                 entry["same_as_first"] = entry["returncode"] == 0 and (first is None or entry["files"] == first["files"])

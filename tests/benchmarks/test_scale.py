@@ -98,7 +98,7 @@ def test_missing_option_is_one_line(fake_cli, tmp_path, monkeypatch, capsys):
 def test_identical_outputs_recorded_and_deleted(fake_cli, tmp_path):
     cli, model = fake_cli
     out = tmp_path / "r"
-    rc = scale.main([str(model), "--lrcompile", cli, "--configs", "workers1,workers2", "--repeat", "2",
+    rc = scale.main([str(model), "--lrcompile", cli, "--configs", "workers1,workers2", "--repeat", "2", "--reports",
                      "--out", str(out), "--", "--rank", "8"])
     assert rc == 0
     res = json.loads((out / "m.json").read_text())
@@ -110,7 +110,9 @@ def test_identical_outputs_recorded_and_deleted(fake_cli, tmp_path):
     assert run["phases_s"] == {"analyze": 1.0, "factorize": 2.5}
     assert run["memory"]["phases"]["factorize"]["rss_peak_mb"] == 10.0
     assert run["layer_costs"][0]["count"] == 1 and run["tree_rss_peak_mb"] > 0
-    assert sorted(p.name for p in out.iterdir()) == ["m.json", "m.md"]  # outputs deleted after hashing
+    assert sorted(p.name for p in out.iterdir()) == ["m.json", "m.md", "m.reports"]  # outputs deleted after hashing
+    assert sorted(p.name for p in (out / "m.reports").iterdir()) == [f"workers{w}.r{r}.report.json"
+                                                                    for w in (1, 2) for r in (1, 2)]
     assert "byte-identical: **yes**" in (out / "m.md").read_text()
 
 
