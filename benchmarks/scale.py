@@ -367,7 +367,8 @@ def run_one(lrcompile: list[str], model: Path, cfg: str, extra: list[str], folde
            "OMP_NUM_THREADS": str(blas), "RAY_USAGE_STATS_ENABLED": "0"}
     t0 = time.perf_counter()
     proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    sampler = TreeSampler([proc.pid] + ([ray.pid] if ray and ray.pid else []))
+    uses_ray = cfg.startswith("ray") and ray is not None and ray.pid is not None
+    sampler = TreeSampler([proc.pid] + ([ray.pid] if uses_ray else []))  # the cluster counts for ray only
     sampler.start()
     try:
         text, _ = proc.communicate()
@@ -412,7 +413,7 @@ def run_one(lrcompile: list[str], model: Path, cfg: str, extra: list[str], folde
 
 
 def _mb(v) -> str:
-    return "-" if v is None else f"{v / 1024:.2f} GB" if v >= 1024 else f"{v:.0f} MB"
+    return "-" if v is None else f"{v / 1024:.2f} GiB" if v >= 1024 else f"{v:.0f} MiB"
 
 
 def markdown(result: dict) -> str:

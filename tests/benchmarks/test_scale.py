@@ -157,3 +157,16 @@ def test_local_ray_cluster_starts_two_nodes_and_stops_cleanly():
         cluster.stop()
     left = subprocess.run(["pgrep", "-s", str(pid)], capture_output=True, text=True).stdout.split()
     assert left == []
+
+
+@pytest.mark.slow
+def test_ray_configuration_gets_the_local_cluster_address(fake_cli, tmp_path):
+    pytest.importorskip("ray")
+    cli, model = fake_cli
+    out = tmp_path / "r"
+    assert scale.main([str(model), "--lrcompile", cli, "--configs", "plain,ray", "--out", str(out)]) == 0
+    res = json.loads((out / "m.json").read_text())
+    assert res["ray"]["started_here"] and res["ray"]["nodes"] == 2
+    ray_run = res["runs"][1]
+    assert ray_run["argv"][-2:] == ["--ray", res["ray"]["address"]]
+    assert ray_run["tree_rss_peak_mb"] > res["runs"][0]["tree_rss_peak_mb"] + 50  # the cluster's processes count
