@@ -35,7 +35,8 @@ line if the CLI lacks an option a configuration needs.
 
 Outputs (``--out DIR``, default benchmarks/results/scale): ``<name>.json`` (everything above, plus the
 environment) and ``<name>.md`` (a table), ``<name>`` from ``--name`` (default: the model's folder
-name; ``--reports`` keeps each compile's report in ``<name>.reports/``). Each configuration's compiled files are deleted once hashed unless ``--keep`` (they go to
+name; ``--reports`` keeps each compile's report in ``<name>.reports/``). Each configuration's
+compiled files are deleted once hashed unless ``--keep`` (they go to
 ``DIR/<name>.outputs/<config>.r<round>/``, else to a temporary folder beside them, on the same disk).
 
 ``--layer-costs REPORT.json [...]``: no compile; summarize the per-layer ``seconds`` of existing
@@ -564,7 +565,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                                 args.keep, out / f"{name}.reports" if args.reports else None)
                 entry["round"] = rnd
                 first = next((r for r in result["runs"] if r["returncode"] == 0), None)
-                entry["same_as_first"] = entry["returncode"] == 0 and (first is None or entry["files"] == first["files"])
+                same = first is None or entry["files"] == first["files"]
+                entry["same_as_first"] = entry["returncode"] == 0 and same
                 result["runs"].append(entry)
                 sha = entry["files"].get(OUT_NAME, "")[:12]
                 rss = (entry.get("time_v") or {}).get("max_rss_mb")

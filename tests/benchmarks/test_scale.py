@@ -22,7 +22,8 @@ FAKE = textwrap.dedent('''
     if args == ["--version"]:
         print("fake, version 0"); sys.exit(0)
     if args[:2] == ["compile", "--help"]:
-        print("Options:\\n  -o, --output PATH\\n  --report PATH\\n" + os.environ.get("SCALE_FAKE_HELP", "")); sys.exit(0)
+        print("Options:\\n  -o, --output PATH\\n  --report PATH\\n" + os.environ.get("SCALE_FAKE_HELP", ""))
+        sys.exit(0)
     out, report = Path(args[args.index("-o") + 1]), Path(args[args.index("--report") + 1])
     counter = Path(os.environ["SCALE_FAKE_COUNTER"])
     n = int(counter.read_text()) if counter.exists() else 0
@@ -30,7 +31,8 @@ FAKE = textwrap.dedent('''
     out.write_bytes(b"same" if not os.environ.get("SCALE_FAKE_VARY") else str(n).encode())
     (out.parent / (out.name + ".data")).write_bytes(b"weights")
     report.write_text(json.dumps({"timings_s": {"analyze": 1.0, "factorize": 3.5}, "output_sha256": "x",
-                                  "memory": {"phases": {"factorize": {"rss_peak_mb": 10.0, "children_rss_peak_mb": None}}},
+                                  "memory": {"phases": {"factorize": {"rss_peak_mb": 10.0,
+                                                                      "children_rss_peak_mb": None}}},
                                   "layers": [{"op": "MatMul", "shape": [4, 8], "rank": 2, "method": "svd",
                                               "decision": "factorized", "seconds": 0.5}],
                                   "totals": {}}))
@@ -74,7 +76,8 @@ def test_layer_costs_group_by_shape_and_rank():
     layers += [{"op": "MatMul", "shape": [100, 200], "rank": 10, "decision": "declined", "seconds": 9.0},
                {"op": "MatMul", "shape": [100, 200], "rank": 10, "method": "svd", "decision": "factorized",
                 "seconds": 0.0, "shared_with": "x"},
-               {"op": "Gather", "shape": [1000, 8], "rank": 4, "method": "svd", "decision": "factorized", "seconds": 1.0}]
+               {"op": "Gather", "shape": [1000, 8], "rank": 4, "method": "svd", "decision": "factorized",
+                "seconds": 1.0}]
     rows = scale.layer_costs(layers)
     assert [(r["op"], r["count"], r["total_s"]) for r in rows] == [("Gather", 1, 1.0), ("MatMul", 2, 0.4)]
     assert rows[1]["mean_s"] == pytest.approx(0.2) and rows[1]["ns_per_mnr"] == pytest.approx(0.2 / 2e5 * 1e9)
