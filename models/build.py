@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for name, (*_, desc) in BUILDERS.items():
-            print(f"{name:18s} {desc}")
+            print(f"{name:22s} {desc}")
         return 0
     if not args.name or not args.out:
         parser.error("NAME and --out are required (or --list)")
