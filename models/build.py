@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -33,6 +34,10 @@ BUILDERS = {
     "deepfm-ml100k": ("ctr", "deepfm", True, "DeepFM CTR model trained on MovieLens-100K (torch)"),
     "dcnv2-ml100k": ("ctr", "dcnv2", True, "DCN-V2 CTR model trained on MovieLens-100K (torch)"),
     "cnn-digits": ("cnn", "cnn_digits", False, "small CNN trained on sklearn digits (torch)"),
+    "synthetic-transformer": ("big", "synthetic_transformer", False,
+                              "80 encoder blocks d=1024, 4.0 GB external data, streamed (numpy only)"),
+    "ctr-embedding": ("big", "ctr_embedding", False,
+                      "CTR: 12M x 64 shared embedding table (3.1 GB external data) + MLP head (numpy only)"),
 }
 
 
@@ -53,8 +58,11 @@ def build(name: str, out: Path, *, fast: bool = False, seed: int = 0, data: str 
     module, func, needs_data, _ = BUILDERS[name]
     kwargs = {"data": data_dir(data)} if needs_data else {}
     try:
+        builder = getattr(importlib.import_module(module), func)
+        if "scratch" in inspect.signature(builder).parameters:  # writes its weights into the folder as it goes
+            kwargs["scratch"] = Path(out)
         with _one_blas_thread():
-            built = getattr(importlib.import_module(module), func)(seed=seed, fast=fast, **kwargs)
+            built = builder(seed=seed, fast=fast, **kwargs)
     except ModuleNotFoundError as e:
         if (Path(__file__).parent / f"{e.name}.py").exists():
             raise  # one of ours: a bug, keep the traceback
@@ -74,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for name, (*_, desc) in BUILDERS.items():
-            print(f"{name:18s} {desc}")
+            print(f"{name:22s} {desc}")
         return 0
     if not args.name or not args.out:
         parser.error("NAME and --out are required (or --list)")

@@ -88,6 +88,10 @@ class Built:
         distill: more unlabeled inputs, disjoint from calib and eval (``--distill`` data), or None.
         external_data: the file beside ``model.onnx`` that holds the weights (as the dynamo exporter
             saves them), or None to keep them in ``model.onnx``.
+        weights_file: for models too large to hold in memory (models/big.py): the external-data file
+            the builder has already written (in the output folder, under a temporary name), which the
+            model's initializers reference as ``external_data``; ``write_build`` moves it into place
+            and saves the model as it is. None: the weights are in the proto.
     """
 
     model: onnx.ModelProto
@@ -104,6 +108,7 @@ class Built:
     torch_output: np.ndarray | None = None
     distill: dict[str, np.ndarray] | None = None
     external_data: str | None = None
+    weights_file: str | Path | None = None
 
 
 def _tensor_specs(values) -> list[dict]:
@@ -132,7 +137,12 @@ def write_build(built: Built, out: Path, *, name: str, seed: int, options: dict)
     """Write the build folder (see the module docstring) and return its meta.json content."""
     out.mkdir(parents=True, exist_ok=True)
     graph = built.model.graph
-    if built.external_data:
+    if built.weights_file is not None:
+        if not built.external_data:
+            raise ValueError("weights_file needs external_data, the name the initializers reference")
+        os.replace(built.weights_file, out / built.external_data)  # same folder: a rename
+        onnx.save_model(built.model, out / "model.onnx")  # the initializers only reference the file
+    elif built.external_data:
         (out / built.external_data).unlink(missing_ok=True)  # onnx appends to an existing data file
         copy = onnx.ModelProto()
         copy.CopyFrom(built.model)  # saving moves the weights out of the proto it is given
