@@ -217,7 +217,7 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, **options):
     def go():
         from .config import CompileConfig
         from .pipeline import compile_model, default_output
-        from .report import layers_table, plan_summary, to_json, verification_table
+        from .report import layers_table, memory_line, plan_summary, to_json, verification_table
 
         if config_file:
             try:
@@ -285,6 +285,12 @@ def compile_cmd(model, output, report, config_file, verbose, quiet, **options):
             if eng:
                 click.echo(f"\nTensorRT engine ({eng.get('backend')} {eng.get('version')}): {eng['path']} "
                            f"({eng.get('engine_bytes', 0):,} bytes)")
+            mem, par = memory_line(res.report), res.report.get("parallel") or {}
+            if mem:
+                runner = ("" if par.get("runner") in (None, "in-process") else
+                          f"; units on {par['nodes']} Ray nodes" if par["runner"] == "ray" else
+                          f"; units in {par['workers']} processes")
+                click.echo(f"\n{mem}{runner}")
             for f in res.files:
                 click.echo(f"wrote {f}")
         verdict = (res.report.get("verification") or {}).get("verdict")

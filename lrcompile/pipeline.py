@@ -196,6 +196,8 @@ def _evidence(run: _Run) -> None:
     cands = run.analysis.candidates
     run.evidence = Evidence(fisher=collect_fisher(run.model, cands, run.config, progress=run.progress),
                             curvature=collect_curvature(run.model, cands, run.config, progress=run.progress))
+    if run.evidence.fisher is not None or run.evidence.curvature is not None:
+        run.mark("evidence")
 
 
 def _factorize(run: _Run) -> None:

@@ -93,9 +93,6 @@ def test_verification_holds_the_whole_model(big_compile):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="Plan.decide does not release each weight after its fit yet "
-                   "(lrcompile.weights.release; see docs/scale.md#memory): every fitted weight stays resident "
-                   "until the rewrite. Strict: when it passes, drop this mark")
 @pytest.mark.parametrize("phase", ["factorize", "rewrite"])
 def test_factorization_stays_within_a_few_tensors_of_a_model_larger_than_that(big_compile, phase):
     phases, bound = big_compile

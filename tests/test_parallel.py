@@ -161,7 +161,7 @@ def test_an_interrupt_leaves_no_output_and_no_worker(tmp_path):
     from helpers import vi
 
     rng = np.random.default_rng(0)
-    n, layers = 512, 40
+    n, layers = 1024, 24  # exact SVDs of 1024 x 1024: seconds of fits
     nodes, inits, x = [], [], "x"
     for i in range(layers):
         inits.append(numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), f"W{i}"))
@@ -174,7 +174,14 @@ def test_an_interrupt_leaves_no_output_and_no_worker(tmp_path):
     proc = subprocess.Popen(["lrcompile", str(src), "-o", str(out), "--workers", "2",
                              "--solver", "exact", "--method", "svd", "--no-verify"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    time.sleep(6)  # past start-up, into the fits (40 exact SVDs of 512 x 512 take longer)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for the workers: the fits have begun
+        group = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        if len(group) >= 3 or proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert proc.poll() is None, "the compile ended before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -182,5 +189,6 @@ def test_an_interrupt_leaves_no_output_and_no_worker(tmp_path):
     assert not out.exists()
     assert not out.parent.exists() or not list(out.parent.iterdir())
     time.sleep(1)
-    left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True)
-    assert left.stdout.strip() == "", "worker processes outlived the interrupt"
+    left = subprocess.run(["pgrep", "-a", "-g", str(proc.pid)], capture_output=True, text=True)
+    running = [ln for ln in left.stdout.splitlines() if "<defunct>" not in ln]  # exited, not yet reaped: gone
+    assert running == [], "worker processes outlived the interrupt"

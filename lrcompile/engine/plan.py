@@ -21,6 +21,7 @@ from ..factorize import RankPolicy
 from ..forms import CONV_FORMS, DEFAULT, form_for
 from ..ir import Candidate
 from ..parallel import InProcess, Runner, Task
+from ..weights import portable, release, resolve
 from ..report import LayerRecord
 from .analysis import sharers as by_weight
 from .evidence import Evidence
@@ -46,7 +47,8 @@ def fit_unit(cand: Candidate, config: CompileConfig, policy: RankPolicy, method:
              auto: bool) -> tuple[str, object]:
     """One weight's fit, a task of ``lrcompile.parallel``: ``(form name, value)``, the value a
     :class:`Refused` when the form cannot host the size; ``auto``: the best form
-    (:func:`best_form`)."""
+    (:func:`best_form`). Weights that came as file references are mapped here and released after."""
+    cand = replace(cand, matrices=[resolve(m) for m in cand.matrices])
     try:
         if auto:
             f, value = best_form(cand, config, policy, method, stats)
@@ -54,16 +56,19 @@ def fit_unit(cand: Candidate, config: CompileConfig, policy: RankPolicy, method:
         return form, factorize_layer(cand, config, policy, method, stats, form)
     except ValueError as e:
         return form, Refused(str(e))
+    finally:
+        release(*cand.matrices)
 
 
 def detached(cand: Candidate) -> Candidate:
     """``cand`` without its place in the graph (the node stands alone: same op, name and
-    attributes), so that it travels to a worker without the graph it came from."""
+    attributes), so that it travels to a worker without the graph it came from; a weight mapped
+    from the model's external data travels as a reference to its bytes (``weights.portable``)."""
     import onnx_graphsurgeon as gs
 
     node = gs.Node(op=cand.node.op, name=cand.label, domain=cand.node.domain,
                    attrs={k: v for k, v in cand.node.attrs.items() if not isinstance(v, gs.Tensor)})
-    return replace(cand, node=node)
+    return replace(cand, node=node, matrices=[portable(m) for m in cand.matrices])
 
 
 #: ``--form auto``: each weight takes the form with the least error at its size.
@@ -322,6 +327,7 @@ class Plan:
             rec.rank, rec.method, rec.info = form.size(value), form.method(value), form.info(value)
             rec.params_after = form.storage(value).params
             rec.rel_error, rec.objective_error = form.errors(cand, value)
+            release(*cand.matrices)  # a mapped weight's pages: read again from the file if needed
             why = None if config.keep_unprofitable else form.declines(value)
             if not why and key not in self._values and cand.details.get("both_orientations"):
                 view = form.transpose(value)  # a node reads this weight transposed: one value serves both
