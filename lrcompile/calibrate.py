@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .errors import LrcError
 from .factorize import LayerStats
 from .factorize.patches import ConvGeometry, im2col
-from .factorize.stats import StatsAccumulator
+from .factorize.stats import StatsAccumulator, merge
 from .feeds import check_feeds, graph_inputs
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,109 @@ def row_mask(mask: np.ndarray | None, lead: tuple[int, ...]) -> np.ndarray | Non
     return None  # e.g. pooled activations [batch, K]: padding already excluded
 
 
+#: Calibration batches per shard, the unit of parallel calibration (``--workers``, ``--ray``).
+#: Fixed: each shard's sums start from zero and the shards are added in order, so the statistics,
+#: and the output, are the same bytes whatever ran the shards.
+SHARD_BATCHES = 16
+
+
+@dataclass
+class Partial:
+    """One calibration shard's sums (or all of them, once merged in order)."""
+
+    accs: dict[str, list[StatsAccumulator]]
+    counts: dict[str, np.ndarray]
+    seen: int = 0
+    kept: int = 0
+    unmasked: frozenset[str] = frozenset()
+
+    @classmethod
+    def empty(cls, requests: dict[str, StatRequest], paired: set[str]) -> "Partial":
+        return cls({key: [StatsAccumulator(r.k, cross=key in paired) for _ in range(r.groups)]
+                    for key, r in requests.items() if not r.lookup},
+                   {key: np.zeros(r.k, np.float64) for key, r in requests.items() if r.lookup})
+
+    def merged(self, other: "Partial") -> "Partial":
+        """The sums of both (``self`` first: the order is part of the bytes)."""
+        return Partial({k: [merge(a, b) for a, b in zip(v, other.accs[k])] for k, v in self.accs.items()},
+                       {k: v + other.counts[k] for k, v in self.counts.items()},
+                       self.seen + other.seen, self.kept + other.kept, self.unmasked | other.unmasked)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What a shard needs besides its feeds: the models (paths of the copies with the requested
+    tensors as outputs), the requests, and the mask input."""
+
+    path: str
+    names: tuple[str, ...]
+    requests: dict[str, StatRequest]
+    paired: frozenset[str]
+    mask_input: str | None
+    ref_path: str | None = None
+    ref_names: tuple[str, ...] = ()
+
+
+def shard_stats(job: ShardJob, feeds: list[dict[str, np.ndarray]], sessions: dict | None = None) -> Partial:
+    """One shard's statistics, from zero: a task of ``lrcompile.parallel`` (``sessions``: ONNX
+    Runtime sessions by path to reuse, in the calling process; a worker makes its own)."""
+    from .sessions import session
+
+    sessions = {} if sessions is None else sessions
+    for p in (job.path, job.ref_path):
+        if p is not None and p not in sessions:
+            sessions[p] = session(p, ["CPUExecutionProvider"])
+    sess, ref_sess = sessions[job.path], sessions.get(job.ref_path)
+    part = Partial.empty(job.requests, set(job.paired))
+    unmasked: set[str] = set()
+    names, ref_names = list(job.names), list(job.ref_names)
+    for feed in feeds:
+        outs = dict(zip(names, sess.run(names, feed)))
+        refs = dict(zip(ref_names, ref_sess.run(ref_names, feed))) if ref_sess is not None else {}
+        mask = feed_mask(feed, job.mask_input)
+        for key, req in job.requests.items():
+            x = outs[req.tensor]
+            xr = refs.get(req.tensor) if key in job.paired else None
+            if xr is not None and xr.shape != x.shape:
+                raise AssertionError(f"activation {req.tensor!r} is {x.shape} here, {xr.shape} in the reference")
+            if req.lookup:
+                m = row_mask(mask, x.shape)
+                idx = (x[m] if m is not None else x).ravel() % req.k
+                part.counts[key] += np.bincount(idx, minlength=req.k)
+                continue
+            if req.probs is not None:
+                _update_heads(part.accs[key], x, outs[req.probs], req, mask)
+                continue
+            if req.conv is not None:
+                for i in range(x.shape[0]):  # one image at a time bounds the im2col copy
+                    ref_rows = im2col(xr[i:i + 1], req.conv) if xr is not None else [None] * req.groups
+                    for acc, rows, rr in zip(part.accs[key], im2col(x[i:i + 1], req.conv), ref_rows):
+                        acc.update(rows, ref=rr)
+                continue
+            if x.ndim < 1 or x.shape[-1] != req.k:
+                raise AssertionError(f"activation {req.tensor!r} has shape {x.shape}, expected [..., {req.k}]")
+            m = row_mask(mask, x.shape[:-1])
+            if mask is not None and m is None:
+                unmasked.add(req.tensor)
+            part.accs[key][0].update(x, mask=m, ref=xr)
+        part.seen += feed_rows(feed)
+        if mask is not None:
+            part.kept += int(mask.sum())
+    part.unmasked = frozenset(unmasked)
+    return part
+
+
+def _shards(batches: Iterator[dict[str, np.ndarray]], size: int) -> Iterator[list[dict[str, np.ndarray]]]:
+    shard: list = []
+    for feed in batches:
+        shard.append(feed)
+        if len(shard) == size:
+            yield shard
+            shard = []
+    if shard:
+        yield shard
+
+
 def collect_stats(
     model: onnx.ModelProto,
     requests: dict[str, StatRequest],
@@ -148,79 +251,68 @@ def collect_stats(
     progress: bool = False,
     total: int | None = None,
     reference: onnx.ModelProto | None = None,
+    runner=None,
 ) -> tuple[dict[str, list[LayerStats]], dict]:
     """Accumulate second moments for each request over ``batches``.
 
     ``reference``: the original model, run on the same batches; its activations of the same
     tensors give each (non-lookup) request ``cross`` and ``ref_gram`` (module docstring).
+    ``runner``: where the shards run (``lrcompile.parallel``; default here). The batches are cut
+    into shards of ``SHARD_BATCHES``, a few shards per worker at a time (the data is read once,
+    here, and never held whole); each shard's sums are added in order.
 
     Returns, by request key, one LayerStats per group (a single one except for grouped convs),
     and a summary (samples seen, rows kept by the mask, bytes held).
     """
-    from .sessions import session, with_outputs
     from .io import write_model
+    from .parallel import InProcess, Task
+    from .sessions import with_outputs
 
+    runner = runner or InProcess()
     ref_names: list[str] = []
     if reference is not None:
         have = _tensor_names(reference)
         ref_names = sorted({r.tensor for r in requests.values() if not r.lookup and r.tensor in have})
-    paired = {key for key, r in requests.items() if r.tensor in ref_names and r.probs is None}
-    accs = {key: [StatsAccumulator(r.k, cross=key in paired) for _ in range(r.groups)]
-            for key, r in requests.items() if not r.lookup}
-    counts = {key: np.zeros(r.k, np.float64) for key, r in requests.items() if r.lookup}
+    paired = frozenset(key for key, r in requests.items() if r.tensor in ref_names and r.probs is None)
     names = sorted({r.tensor for r in requests.values()} | {r.probs for r in requests.values() if r.probs})
-    seen = kept = 0
-    unmasked: set[str] = set()
+    total_part = Partial.empty(requests, set(paired))
+    local = isinstance(runner, InProcess)
     with tempfile.TemporaryDirectory(prefix="lrcompile-calib-") as tmp:
         path = Path(tmp) / "calib.onnx"
         write_model(with_outputs(model, names), path)
-        sess = session(path, ["CPUExecutionProvider"])
-        ref_sess = None
+        ref_path = None
         if ref_names:
             ref_path = Path(tmp) / "reference.onnx"
             write_model(with_outputs(reference, ref_names), ref_path)
-            ref_sess = session(ref_path, ["CPUExecutionProvider"])
+        job = ShardJob(str(path), tuple(names), dict(requests), paired, mask_input,
+                       str(ref_path) if ref_path else None, tuple(ref_names))
+        sessions: dict = {}  # in this process: one session for every shard
         bar = tqdm(total=total, desc="calibrate", unit="sample", disable=None if progress else True, leave=False)
-        for feed in batches:
-            outs = dict(zip(names, sess.run(names, feed)))
-            refs = dict(zip(ref_names, ref_sess.run(ref_names, feed))) if ref_sess is not None else {}
-            mask = feed_mask(feed, mask_input)
-            for key, req in requests.items():
-                x = outs[req.tensor]
-                xr = refs.get(req.tensor) if key in paired else None
-                if xr is not None and xr.shape != x.shape:
-                    raise AssertionError(f"activation {req.tensor!r} is {x.shape} here, {xr.shape} in the reference")
-                if req.lookup:
-                    m = row_mask(mask, x.shape)
-                    idx = (x[m] if m is not None else x).ravel() % req.k
-                    counts[key] += np.bincount(idx, minlength=req.k)
-                    continue
-                if req.probs is not None:
-                    _update_heads(accs[key], x, outs[req.probs], req, mask)
-                    continue
-                if req.conv is not None:
-                    for i in range(x.shape[0]):  # one image at a time bounds the im2col copy
-                        ref_rows = im2col(xr[i:i + 1], req.conv) if xr is not None else [None] * req.groups
-                        for acc, rows, rr in zip(accs[key], im2col(x[i:i + 1], req.conv), ref_rows):
-                            acc.update(rows, ref=rr)
-                    continue
-                if x.ndim < 1 or x.shape[-1] != req.k:
-                    raise AssertionError(f"activation {req.tensor!r} has shape {x.shape}, expected [..., {req.k}]")
-                m = row_mask(mask, x.shape[:-1])
-                if mask is not None and m is None:
-                    unmasked.add(req.tensor)
-                accs[key][0].update(x, mask=m, ref=xr)
-            seen += feed_rows(feed)
-            if mask is not None:
-                kept += int(mask.sum())
-            bar.update(feed_rows(feed))
+        wave, n_shards = max(1, runner.workers) * 2, 0
+        shards = _shards(batches, SHARD_BATCHES)
+        while True:
+            feeds = [s for _, s in zip(range(wave), shards)]
+            if not feeds:
+                break
+            if local:
+                parts = [shard_stats(job, f, sessions) for f in feeds]
+            else:
+                parts = runner.map([Task(f"calibration shard {i}", shard_stats, (job, f)) for i, f in enumerate(feeds)],
+                                   what="calibration")
+            for part in parts:  # in order: the sums' order is part of the bytes
+                total_part = total_part.merged(part)
+                n_shards += 1
+                bar.update(part.seen)
         bar.close()
-    if seen == 0:
+        sessions.clear()
+    if total_part.seen == 0:
         raise LrcError("--calib: the calibration source yielded no samples")
-    info = {"samples": seen, "mask_input": mask_input, "mask_kept_rows": kept if mask_input else None,
+    accs, counts = total_part.accs, total_part.counts
+    info = {"samples": total_part.seen, "mask_input": mask_input,
+            "mask_kept_rows": total_part.kept if mask_input else None,
             "stats_bytes": int(sum(a.nbytes for group in accs.values() for a in group)
                                + sum(c.nbytes for c in counts.values())),
-            "unmasked_tensors": sorted(unmasked), "layers": len(accs) + len(counts)}
+            "unmasked_tensors": sorted(total_part.unmasked), "layers": len(accs) + len(counts), "shards": n_shards}
     if reference is not None:
         info["target_corrected_layers"] = len(paired)
     out = {key: [a.result() for a in group] for key, group in accs.items()}

@@ -323,6 +323,18 @@ class Evaluator:
                 out[n].append(y)
         return out
 
+    def __getstate__(self) -> dict:
+        """For a worker (``lrcompile.parallel``): the data, labels and reference outputs travel;
+        the user's metric script does not: the worker loads it again from the file the user named."""
+        state = dict(self.__dict__)
+        state["_script"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self._script_spec is not None:
+            self._script = _load_script(self._script_spec)
+
     def measure(self, model: onnx.ModelProto | str | Path) -> Measurement:
         """Run ``model`` (same inputs and outputs as the original) on the data and score it.
 

@@ -441,7 +441,7 @@ def _calibrate(run: _Run, model: onnx.ModelProto, cands, *, progress: bool, refe
     (into ``run.pairs.stats``) in the same pass."""
     pairs = run.pairs if pairs and run.pairs and run.pairs.pairs else None
     stats, info = collect_stats(model, cands, run.config, progress=progress, reference=reference,
-                                extra=pairs.requests() if pairs else None)
+                                extra=pairs.requests() if pairs else None, runner=run.runner)
     if pairs:
         pairs.take_stats(stats)
     return stats, info

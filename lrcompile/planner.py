@@ -39,6 +39,7 @@ from .factorize.allocate import Allocation, LayerOptions, allocate, allocate_thr
 from .forms import CONV_FORMS, DEFAULT, FORMS, LAYER_OPS
 from .ir import Candidate, node_label
 from .parallel import InProcess, Task
+from .weights import folder, reading
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,14 @@ def form_knobs(form, config: CompileConfig) -> dict:
 def fit_full_unit(form: str, cand: Candidate, method: str, stats: list, options: dict):
     """The full decomposition of ``cand``'s weight in ``form``: a task of ``lrcompile.parallel``."""
     return FORMS[form].fit_full(cand, method, stats, options)
+
+
+def trial_unit(ev, model: bytes, base) -> object:
+    """One sensitivity trial, a task of ``lrcompile.parallel``: ``ev`` (an ``Evaluator``, its data
+    and reference outputs) measures the serialized trial model, whose external data is read from
+    ``base``."""
+    with reading(base):
+        return ev.measure(onnx.load_from_string(model))
 
 
 def build_layers(cands: list[Candidate], config: CompileConfig, evidence: Evidence | None, *, progress: bool,
@@ -285,11 +294,18 @@ class Planner:
                     layer.probes.append({"rank": r})
                     jobs.append((layer, layer.probes[-1]))
         t0 = time.perf_counter()
-        for layer, probe in tqdm(jobs, desc="sensitivity", unit="model", disable=None if self.progress else True,
-                                 leave=False):
+
+        def trial(layer: Layer, probe: dict) -> onnx.ModelProto:
             ranks = {x.key: 0 for x in self.layers}  # 0: dense (a pair: whole)
             ranks[layer.key] = probe["rank"]
-            m = ev.measure(self.build(ranks, {layer.key: layer.form.name}))
+            return self.build(ranks, {layer.key: layer.form.name})
+
+        if isinstance(self.runner, InProcess):  # one model at a time, here
+            measured = (ev.measure(trial(layer, probe)) for layer, probe in jobs)
+        else:
+            measured = self._measure_elsewhere(ev, jobs, trial)
+        for (layer, probe), m in zip(tqdm(jobs, desc="sensitivity", unit="model", leave=False,
+                                          disable=None if self.progress else True), measured):
             probe["err2"] = float(layer.err2[np.searchsorted(layer.grid, probe["rank"])])
             probe["signal"] = self._signal(m)
             probe["metric"] = float(m.value)
@@ -305,6 +321,16 @@ class Planner:
                                     "samples": ev.describe().get("samples"), "signal": (
                                         "metric drop" if (self.config.metric or "rel-l2") in ADDITIVE
                                         else "relative L2 error squared"), "floor": floor}
+
+    def _measure_elsewhere(self, ev, jobs, trial):
+        """The trials' measurements, run as tasks of the runner: the models are built here a wave
+        at a time (one per worker: what is held is bounded by the wave) and measured there."""
+        wave = max(1, self.runner.workers)
+        for lo in range(0, len(jobs), wave):
+            tasks = [Task(f"{layer.label} at size {probe['rank']}", trial_unit,
+                          (ev, trial(layer, probe).SerializeToString(), folder()))
+                     for layer, probe in jobs[lo:lo + wave]]
+            yield from self.runner.map(tasks, what="sensitivity trial")
 
     def limit_latency(self, feeds_by_batch: dict[int, dict[str, np.ndarray]]) -> None:
         """Time every layer dense and factorized; keep only ranks that are faster at every batch."""

@@ -90,7 +90,9 @@ def test_options_are_checked():
 
 CONFIGS = {
     "rank policy": {"method": "svd", "ratio": 0.5},
-    "calibrated budget": {"params": 0.5},  # planner: spectra, sensitivity trials, then the fits
+    # planner: calibration in 2 shards, spectra, sensitivity trials, then the fits
+    "calibrated budget": {"params": 0.5, "calib_batch": 2},
+    "sequential": {"sequential": True, "ratio": 0.5, "calib_batch": 2},  # shards against a reference
 }
 
 

@@ -146,11 +146,12 @@ def calibration(model: onnx.ModelProto, config: CompileConfig):
 
 
 def collect_stats(model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *, progress: bool,
-                  reference: onnx.ModelProto | None = None, extra: dict | None = None
+                  reference: onnx.ModelProto | None = None, extra: dict | None = None, runner=None
                   ) -> tuple[dict[str, list[LayerStats]], dict]:
     """Activation statistics of the candidates' inputs on the calibration data; with ``reference``
     (the original of a partly compressed ``model``) also the cross statistics of target correction;
-    ``extra``: more requests (key -> ``calibrate.StatRequest``) collected in the same pass."""
+    ``extra``: more requests (key -> ``calibrate.StatRequest``) collected in the same pass;
+    ``runner``: where the calibration shards run (``lrcompile.parallel``)."""
     from ..calibrate import collect_stats as collect
 
     requests = dict(r for r in map(stat_request, cands) if r is not None)
@@ -158,7 +159,7 @@ def collect_stats(model: onnx.ModelProto, cands: list[Candidate], config: Compil
     if not requests:
         return {}, {"samples": 0, "layers": 0}
     return collect(model, requests, calibration(model, config), mask_input=mask_input(model, config),
-                   progress=progress, total=config.calib_samples, reference=reference)
+                   progress=progress, total=config.calib_samples, reference=reference, runner=runner)
 
 
 def collect_curvature(model: onnx.ModelProto, cands: list[Candidate], config: CompileConfig, *, progress: bool):
