@@ -429,7 +429,18 @@ def environment() -> dict:
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "python": platform.python_version(),
             "platform": platform.platform(), "cpu_count": os.cpu_count(), "lrcompile": lrcompile.__version__,
             "lrcompile_path": str(Path(lrcompile.__file__).parent), "script_repo_commit": commit or None,
-            "script_repo_dirty": bool(dirty), "versions": versions}
+            "script_repo_dirty": bool(dirty), "versions": versions, "blas": blas_kernel()}
+
+
+def blas_kernel() -> str | None:
+    """numpy's BLAS and the kernel it runs (e.g. ``openblas SkylakeX``): another kernel (another
+    CPU, or OPENBLAS_CORETYPE) gives other low bits, so outputs are compared only under the same one."""
+    from threadpoolctl import threadpool_info
+
+    for lib in threadpool_info():
+        if lib.get("user_api") == "blas":
+            return f"{lib.get('internal_api')} {lib.get('architecture')}"
+    return None
 
 
 # --------------------------------------------------------------------------------------- main
@@ -531,6 +542,11 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - one linear driver
           + (f" ({len(skipped)} heavy ones skipped: --full runs them)" if skipped else "")
           + f", {repeat} compile(s) each", flush=True)
 
+    was = ((record or old or {}).get("environment") or {}).get("blas")
+    if old is not None and was != blas_kernel():
+        print(f"note: {args.check} was recorded under BLAS kernel {was}, this machine runs {blas_kernel()}: "
+              "LAPACK's low bits differ across kernels, so DIFFERENT rows may be the machine's, not the code's",
+              flush=True)
     work = Path(tempfile.mkdtemp(prefix="byte_identity_timings."))
     timings = work / "timings.json"
     cache_before = None

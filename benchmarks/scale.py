@@ -275,6 +275,10 @@ def run_layer_costs(reports: list[Path], out: Path) -> int:
 
 # ------------------------------------------------------------------------------ the Ray cluster
 
+#: Every node of the local cluster, and the driver, on 127.0.0.1 (Ray's switch for one-machine
+#: clusters; without it Ray binds the machine's outward address).
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
 _RAY_HELPER = r"""
 import signal, sys, time
 from ray.cluster_utils import Cluster
@@ -307,7 +311,7 @@ class RayCluster:
 
     def start(self, timeout: float = 180) -> str:
         self.temp = tempfile.mkdtemp(prefix="scale_ray.", dir="/tmp")  # short: Ray's socket paths are limited
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **LOOPBACK}
         self.proc = subprocess.Popen([sys.executable, "-c", _RAY_HELPER, str(self.nodes), str(self.cpus), self.temp],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=env, start_new_session=True)
@@ -365,7 +369,7 @@ def run_one(lrcompile: list[str], model: Path, cfg: str, extra: list[str], folde
     use_time = os.access(TIME_BIN, os.X_OK)
     full = ([TIME_BIN, "-v", "-o", str(timev)] if use_time else []) + cmd
     env = {**os.environ, "OPENBLAS_NUM_THREADS": str(blas), "MKL_NUM_THREADS": str(blas),
-           "OMP_NUM_THREADS": str(blas), "RAY_USAGE_STATS_ENABLED": "0"}
+           "OMP_NUM_THREADS": str(blas), "RAY_USAGE_STATS_ENABLED": "0", **LOOPBACK}
     t0 = time.perf_counter()
     proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     uses_ray = cfg.startswith("ray") and ray is not None and ray.pid is not None
