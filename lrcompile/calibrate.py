@@ -258,8 +258,8 @@ def collect_stats(
     ``reference``: the original model, run on the same batches; its activations of the same
     tensors give each (non-lookup) request ``cross`` and ``ref_gram`` (module docstring).
     ``runner``: where the shards run (``lrcompile.parallel``; default here). The batches are cut
-    into shards of ``SHARD_BATCHES``, a few shards per worker at a time (the data is read once,
-    here, and never held whole); each shard's sums are added in order.
+    into shards of ``SHARD_BATCHES``, a few shards per worker out at a time (``Runner.imap``: the
+    data is read once, here, and never held whole); each shard's sums are added in order.
 
     Returns, by request key, one LayerStats per group (a single one except for grouped convs),
     and a summary (samples seen, rows kept by the mask, bytes held).
@@ -288,21 +288,16 @@ def collect_stats(
                        str(ref_path) if ref_path else None, tuple(ref_names))
         sessions: dict = {}  # in this process: one session for every shard
         bar = tqdm(total=total, desc="calibrate", unit="sample", disable=None if progress else True, leave=False)
-        wave, n_shards = max(1, runner.workers) * 2, 0
-        shards = _shards(batches, SHARD_BATCHES)
-        while True:
-            feeds = [s for _, s in zip(range(wave), shards)]
-            if not feeds:
-                break
-            if local:
-                parts = [shard_stats(job, f, sessions) for f in feeds]
-            else:
-                parts = runner.map([Task(f"calibration shard {i}", shard_stats, (job, f)) for i, f in enumerate(feeds)],
-                                   what="calibration")
-            for part in parts:  # in order: the sums' order is part of the bytes
-                total_part = total_part.merged(part)
-                n_shards += 1
-                bar.update(part.seen)
+        n_shards, shards = 0, _shards(batches, SHARD_BATCHES)
+        if local:
+            parts = (shard_stats(job, f, sessions) for f in shards)
+        else:  # a few shards per worker out at a time: the data is read here as room frees up
+            parts = runner.imap((Task(f"calibration shard {i}", shard_stats, (job, f)) for i, f in enumerate(shards)),
+                                what="calibration")
+        for part in parts:  # in order: the sums' order is part of the bytes
+            total_part = total_part.merged(part)
+            n_shards += 1
+            bar.update(part.seen)
         bar.close()
         sessions.clear()
     if total_part.seen == 0:

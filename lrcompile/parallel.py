@@ -38,7 +38,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
@@ -93,7 +93,7 @@ def _worker_init() -> None:
 
 
 class Runner:
-    """Runs tasks; see the module docstring. Subclasses implement ``_run``."""
+    """Runs tasks; see the module docstring. Subclasses implement ``_stream``."""
 
     workers: int = 1
     name: str = "in-process"
@@ -101,23 +101,29 @@ class Runner:
     def map(self, tasks: Sequence[Task], *, what: str, progress: bool = False) -> list:
         """The results of ``tasks``, in their order. ``what`` names the kind of unit (``fit``,
         ``calibration``, ``trial``) for progress and errors."""
-        if not tasks:
-            return []
-        bar = tqdm(total=len(tasks), desc=f"{what} ({self.describe()})", unit="task",
-                   disable=None if progress else True, leave=False)
-        try:
-            return [r for r, _ in self._run(list(tasks), what, bar)]
-        finally:
-            bar.close()
+        return [r for r, _ in self.map_timed(tasks, what=what, progress=progress)]
 
     def map_timed(self, tasks: Sequence[Task], *, what: str, progress: bool = False) -> list[tuple[Any, float]]:
         """Like :meth:`map`, each result with the seconds its task took where it ran."""
-        if not tasks:
-            return []
-        bar = tqdm(total=len(tasks), desc=f"{what} ({self.describe()})", unit="task",
+        tasks = list(tasks)
+        return list(self._bar(tasks, what, progress, len(tasks), window=max(1, len(tasks))))
+
+    def imap(self, tasks: Iterable[Task], *, what: str, progress: bool = False, window: int | None = None
+             ) -> Iterator[Any]:
+        """The results of ``tasks`` in their order, as they can be given: the tasks are taken from
+        the iterable only as room frees up, at most ``window`` (default two per worker) out at a
+        time counting finished ones not yet given, so building the next tasks here overlaps the
+        work on the earlier ones there and what is held stays bounded."""
+        for r, _ in self._bar(tasks, what, progress, None, window=window or 2 * max(1, self.workers)):
+            yield r
+
+    def _bar(self, tasks, what, progress, total, *, window):
+        bar = tqdm(total=total, desc=f"{what} ({self.describe()})", unit="task",
                    disable=None if progress else True, leave=False)
         try:
-            return self._run(list(tasks), what, bar)
+            for r in self._stream(iter(tasks), what, window):
+                bar.update()
+                yield r
         finally:
             bar.close()
 
@@ -137,7 +143,7 @@ class Runner:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _run(self, tasks: list[Task], what: str, bar) -> list[tuple[Any, float]]:
+    def _stream(self, tasks: Iterator[Task], what: str, window: int) -> Iterator[tuple[Any, float]]:
         raise NotImplementedError
 
 
@@ -145,12 +151,42 @@ class InProcess(Runner):
     """One task after another in this process (``--workers 1``). A task's exception propagates
     as it is: there is no worker to lose, and a deterministic failure would fail again."""
 
-    def _run(self, tasks, what, bar):
-        out = []
+    def _stream(self, tasks, what, window):
         for t in tasks:
-            out.append(_call(t.fn, t.args))
-            bar.update()
-        return out
+            yield _call(t.fn, t.args)
+
+
+class _Ordered:
+    """The bookkeeping of a windowed, ordered stream of remote tasks: which are out, which came
+    back early, how often each was tried."""
+
+    def __init__(self, tasks: Iterator[Task], window: int) -> None:
+        self.tasks, self.window = tasks, window
+        self.sent: dict[int, Task] = {}
+        self.done: dict[int, tuple[Any, float]] = {}
+        self.tries: dict[int, int] = {}
+        self.next_in = self.next_out = 0
+        self.exhausted = False
+
+    def take(self) -> Iterator[tuple[int, Task]]:
+        """New tasks to send, while there is room."""
+        while not self.exhausted and len(self.sent) + len(self.done) < self.window:
+            t = next(self.tasks, None)
+            if t is None:
+                self.exhausted = True
+                return
+            i, self.next_in = self.next_in, self.next_in + 1
+            self.sent[i] = t
+            yield i, t
+
+    def ready(self) -> Iterator[tuple[Any, float]]:
+        """Results that can be given now, in order."""
+        while self.next_out in self.done:
+            yield self.done.pop(self.next_out)
+            self.next_out += 1
+
+    def finished(self) -> bool:
+        return self.exhausted and not self.sent and not self.done
 
 
 class Processes(Runner):
@@ -173,26 +209,27 @@ class Processes(Runner):
                                              initializer=_worker_init)
         return self._pool
 
-    def _run(self, tasks, what, bar):
-        results: dict[int, tuple[Any, float]] = {}
-        tries = dict.fromkeys(range(len(tasks)), 0)
+    def _stream(self, tasks, what, window):
+        st = _Ordered(tasks, window)
         pending: dict = {}
 
         def submit(i: int) -> None:
-            tries[i] += 1
-            pending[self._start().submit(_call, tasks[i].fn, tasks[i].args)] = i
+            st.tries[i] = st.tries.get(i, 0) + 1
+            pending[self._start().submit(_call, st.sent[i].fn, st.sent[i].args)] = i
 
         try:
-            for i in range(len(tasks)):
-                submit(i)
-            while pending:
+            while True:
+                for i, _ in st.take():
+                    submit(i)
+                if st.finished():
+                    return
                 done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                 failed, broken = [], False
                 for fut in done:
                     i = pending.pop(fut)
                     try:
-                        results[i] = fut.result()
-                        bar.update()
+                        st.done[i] = fut.result()
+                        del st.sent[i]
                     except BrokenProcessPool as e:  # a worker died (killed, out of memory)
                         failed.append((i, RuntimeError(f"its worker process died ({e})")))
                         broken = True
@@ -203,14 +240,14 @@ class Processes(Runner):
                     pending.clear()
                     self._stop(kill=True)
                 for i, err in sorted(failed, key=lambda f: f[0]):
-                    if tries[i] > RETRIES:
-                        raise TaskFailed(what, tasks[i].label, tries[i], err) from err
-                    log.warning("%s of %s failed (%s: %s); retrying", what, tasks[i].label, type(err).__name__, err)
+                    if st.tries[i] > RETRIES:
+                        raise TaskFailed(what, st.sent[i].label, st.tries[i], err) from err
+                    log.warning("%s of %s failed (%s: %s); retrying", what, st.sent[i].label, type(err).__name__, err)
                     submit(i)
+                yield from st.ready()
         except BaseException:
             self._stop(kill=True)
             raise
-        return [results[i] for i in range(len(tasks))]
 
     def _stop(self, *, kill: bool) -> None:
         pool, self._pool = self._pool, None
@@ -265,28 +302,30 @@ class RayRunner(Runner):
     def info(self) -> dict:
         return {"runner": "ray", "address": self.address, "nodes": self.nodes, "cpus": self.workers}
 
-    def _run(self, tasks, what, bar):
+    def _stream(self, tasks, what, window):
         ray = self._ray
-        refs = [self._remote.remote(t.fn, t.args) for t in tasks]
-        index = {r: i for i, r in enumerate(refs)}
-        results: dict[int, tuple[Any, float]] = {}
-        waiting = list(refs)
+        st = _Ordered(tasks, window)
+        refs: dict = {}  # ref -> index
         try:
-            while waiting:
-                done, waiting = ray.wait(waiting, num_returns=1)
+            while True:
+                for i, t in st.take():
+                    refs[self._remote.remote(t.fn, t.args)] = i
+                if st.finished():
+                    return
+                done, _ = ray.wait(list(refs), num_returns=1)
                 for ref in done:
-                    i = index[ref]
+                    i = refs.pop(ref)
                     try:
-                        results[i] = ray.get(ref)
+                        st.done[i] = ray.get(ref)  # Ray retried it already (max_retries, retry_exceptions)
                     except Exception as e:  # noqa: BLE001 - RayTaskError (with the remote traceback), lost worker
                         cause = getattr(e, "cause", None) or e
-                        raise TaskFailed(what, tasks[i].label, RETRIES + 1, cause) from e
-                    bar.update()
+                        raise TaskFailed(what, st.sent[i].label, RETRIES + 1, cause) from e
+                    del st.sent[i]
+                yield from st.ready()
         except BaseException:
-            for ref in waiting:
+            for ref in refs:
                 ray.cancel(ref, force=True)
             raise
-        return [results[i] for i in range(len(tasks))]
 
     def close(self) -> None:
         if self._started:

@@ -302,8 +302,10 @@ class Planner:
 
         if isinstance(self.runner, InProcess):  # one model at a time, here
             measured = (ev.measure(trial(layer, probe)) for layer, probe in jobs)
-        else:
-            measured = self._measure_elsewhere(ev, jobs, trial)
+        else:  # built here, measured there: the next models are built while the workers measure
+            measured = self.runner.imap((Task(f"{layer.label} at size {probe['rank']}", trial_unit,
+                                              (ev, trial(layer, probe).SerializeToString(), folder()))
+                                         for layer, probe in jobs), what="sensitivity trial")
         for (layer, probe), m in zip(tqdm(jobs, desc="sensitivity", unit="model", leave=False,
                                           disable=None if self.progress else True), measured):
             probe["err2"] = float(layer.err2[np.searchsorted(layer.grid, probe["rank"])])
@@ -321,16 +323,6 @@ class Planner:
                                     "samples": ev.describe().get("samples"), "signal": (
                                         "metric drop" if (self.config.metric or "rel-l2") in ADDITIVE
                                         else "relative L2 error squared"), "floor": floor}
-
-    def _measure_elsewhere(self, ev, jobs, trial):
-        """The trials' measurements, run as tasks of the runner: the models are built here a wave
-        at a time (one per worker: what is held is bounded by the wave) and measured there."""
-        wave = max(1, self.runner.workers)
-        for lo in range(0, len(jobs), wave):
-            tasks = [Task(f"{layer.label} at size {probe['rank']}", trial_unit,
-                          (ev, trial(layer, probe).SerializeToString(), folder()))
-                     for layer, probe in jobs[lo:lo + wave]]
-            yield from self.runner.map(tasks, what="sensitivity trial")
 
     def limit_latency(self, feeds_by_batch: dict[int, dict[str, np.ndarray]]) -> None:
         """Time every layer dense and factorized; keep only ranks that are faster at every batch."""
