@@ -108,14 +108,15 @@ class Runner:
         tasks = list(tasks)
         return list(self._bar(tasks, what, progress, len(tasks), window=max(1, len(tasks))))
 
-    def imap(self, tasks: Iterable[Task], *, what: str, progress: bool = False, window: int | None = None
-             ) -> Iterator[Any]:
+    def imap(self, tasks: Iterable[Task], *, what: str, progress: bool = False, window: int | None = None,
+             timed: bool = False) -> Iterator[Any]:
         """The results of ``tasks`` in their order, as they can be given: the tasks are taken from
         the iterable only as room frees up, at most ``window`` (default two per worker) out at a
         time counting finished ones not yet given, so building the next tasks here overlaps the
-        work on the earlier ones there and what is held stays bounded."""
-        for r, _ in self._bar(tasks, what, progress, None, window=window or 2 * max(1, self.workers)):
-            yield r
+        work on the earlier ones there and what is held stays bounded. ``timed``: each result with
+        the seconds its task took where it ran."""
+        for r, seconds in self._bar(tasks, what, progress, None, window=window or 2 * max(1, self.workers)):
+            yield (r, seconds) if timed else r
 
     def _bar(self, tasks, what, progress, total, *, window):
         bar = tqdm(total=total, desc=f"{what} ({self.describe()})", unit="task",

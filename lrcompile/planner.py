@@ -147,15 +147,15 @@ def build_layers(cands: list[Candidate], config: CompileConfig, evidence: Eviden
     evidence = evidence or Evidence()
     layers = []
     opts = {"solver": config.solver, "seed": config.seed, **config.method_options}
-    jobs, tasks = [], []
+    jobs = []
     for key, group in sharers(cands).items():
         cand = group[0]
         method, st, note = evidence.for_layer(cand, config.method_for(cand.label), group)
         for form in layer_forms(cand, config):
-            knobs = form_knobs(form, config)
-            jobs.append((key, group, method, st, note, form, knobs))
-            tasks.append(Task(cand.label, fit_full_unit, (form.name, detached(cand), method, st, {**opts, **knobs})))
-    fulls = (runner or InProcess()).map(tasks, what="spectra", progress=progress)
+            jobs.append((key, group, method, st, note, form, form_knobs(form, config)))
+    tasks = (Task(group[0].label, fit_full_unit, (form.name, detached(group[0]), method, st, {**opts, **knobs}))
+             for key, group, method, st, note, form, knobs in jobs)  # made as the runner has room
+    fulls = (runner or InProcess()).imap(tasks, what="spectra", progress=progress)
     for (key, group, method, st, note, form, knobs), full in zip(jobs, fulls):
         cand = group[0]
         grid = form.sizes(cand, config.multiple, knobs) if knobs else form.sizes(cand, config.multiple)

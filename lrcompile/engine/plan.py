@@ -234,7 +234,12 @@ class Plan:
         first candidate), as tasks of ``runner``. Returns weight key -> ``(form name, value or
         Refused, seconds or None)``; a value from ``cache`` has no seconds."""
         seen = set(self._values) | set(self._dense)
-        out, keys, tasks = {}, [], []
+        out, keys = {}, []
+
+        def tasks():  # made as the runner has room: a task holds its weight's statistics
+            for cand, (name, pol, method, st, auto) in keys:
+                yield Task(cand.label, fit_unit, (detached(cand), config, pol, method, st, name, auto))
+
         for cand in cands:
             key = cand.weight_key
             if key in seen:
@@ -249,11 +254,11 @@ class Plan:
             if ck is not None and ck in cache:
                 out[key] = (form.name, cache[ck], None)
                 continue
-            keys.append((key, None if auto else ck))
-            tasks.append(Task(cand.label, fit_unit, (detached(cand), config, pol, method, st, form.name, auto)))
-        for (key, ck), ((name, value), seconds) in zip(keys, (runner or InProcess()).map_timed(
-                tasks, what="fit", progress=progress)):
-            out[key] = (name, value, seconds)
+            keys.append((cand, (form.name, pol, method, st, auto)))
+        results = (runner or InProcess()).imap(tasks(), what="fit", progress=progress, timed=True)
+        for (cand, (_, pol, _, _, auto)), ((name, value), seconds) in zip(keys, results):
+            out[cand.weight_key] = (name, value, seconds)
+            ck = (cand.weight_key, name, pol.rank) if cache is not None and pol.rank is not None and not auto else None
             if ck is not None and not isinstance(value, Refused):
                 cache[ck] = value
         return out
