@@ -246,6 +246,10 @@ class Processes(Runner):
                     log.warning("%s of %s failed (%s: %s); retrying", what, st.sent[i].label, type(err).__name__, err)
                     submit(i)
                 yield from st.ready()
+        except GeneratorExit:  # the caller stopped reading (zip ends early): drop this stream's tasks only
+            for fut in pending:  # the pool may serve an enclosing stream: a trial's fits run inside it
+                fut.cancel()
+            raise
         except BaseException:
             self._stop(kill=True)
             raise
@@ -323,6 +327,10 @@ class RayRunner(Runner):
                         raise TaskFailed(what, st.sent[i].label, RETRIES + 1, cause) from e
                     del st.sent[i]
                 yield from st.ready()
+        except GeneratorExit:  # the caller stopped reading: drop this stream's tasks only
+            for ref in refs:
+                ray.cancel(ref)
+            raise
         except BaseException:
             for ref in refs:
                 ray.cancel(ref, force=True)

@@ -46,6 +46,11 @@ def square(x):
     return x * x
 
 
+def slow_square(x):
+    time.sleep(0.5)
+    return x * x
+
+
 def fails_on(x, bad):
     if x == bad:
         raise ValueError(f"unit {x} cannot be fitted")
@@ -66,6 +71,20 @@ def test_results_come_back_in_task_order_whatever_finishes_first():
     with Processes(2) as pool:
         assert pool.map(tasks, what="fit") == [i * i for i in range(7)]
     assert InProcess().map(tasks, what="fit") == [i * i for i in range(7)]
+
+
+def test_a_stream_read_in_part_leaves_the_pool_to_the_streams_around_it(caplog):
+    """A trial built inside the stream of trials runs its fits through the same pool, and zip()
+    leaves that inner stream unfinished: closing it must not stop the pool under the outer one."""
+    with Processes(2) as pool:
+        def outer():
+            for i in range(4):
+                inner = pool.imap((Task(f"fit {j}", square, (j,)) for j in range(3)), what="fit")
+                assert [r for _, r in zip(range(3), inner)] == [0, 1, 4]
+                del inner  # closed with GeneratorExit
+                yield Task(f"trial {i}", slow_square, (i,))  # still running when the next inner stream ends
+        assert list(pool.imap(outer(), what="trial")) == [0, 1, 4, 9]
+    assert "retrying" not in caplog.text  # no trial lost its worker to the inner stream's end
 
 
 def test_a_failing_unit_is_retried_then_named(tmp_path):
