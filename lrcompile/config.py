@@ -274,7 +274,7 @@ class CompileConfig:
                        doc="The output is byte-identical for every N: each unit runs with one BLAS thread and the "
                        "results are combined in one fixed order (``lrcompile.parallel``, docs/scale.md).")
     ray: str | None = opt(None, "Run the same units as Ray tasks: 'auto', a cluster address, or alone for a local "
-                          "cluster (pip install 'lrcompile[ray]').", metavar="[ADDRESS]", flag_value="local",
+                          "cluster (pip install ray).", metavar="[ADDRESS]", flag_value="local",
                           example="--ray 127.0.0.1:6379",
                           doc="Weights travel through Ray's object store; every node needs the same lrcompile. Put "
                           "--ray after the model path (or write --ray=ADDRESS): a bare word after it is its address.")

@@ -277,7 +277,7 @@ class RayRunner(Runner):
         try:
             import ray
         except ImportError:
-            raise LrcError("--ray needs Ray: pip install 'lrcompile[ray]' (or pip install 'ray[default]')") from None
+            raise LrcError("--ray needs Ray: pip install ray (or the extra: pip install -e '.[ray]')") from None
         self.address = address
         self._ray = ray
         self._started = False
