@@ -11,7 +11,6 @@ its fields.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
 
 from tqdm.auto import tqdm
