@@ -482,7 +482,11 @@ def _symbolic_dims(m: onnx.ModelProto) -> dict[str, list[int | str | None]]:
 def frozen_module(convert, model: onnx.ModelProto):
     """The onnx2torch module of ``model`` in eval mode, its own parameters frozen (gradients flow only
     to what the caller marks). A model onnx2torch refuses is converted again :func:`normalised`
-    (same tensor names, same inputs and outputs); :class:`Unconvertible` when that fails too."""
+    (same tensor names, same inputs and outputs); :class:`Unconvertible` when that fails too.
+    A lazily loaded model's external data is read in first: torch holds every weight anyway."""
+    from .weights import in_memory
+
+    model = in_memory(model)
     try:
         gm = convert(model, attach_onnx_mapping=True)
     except LrcError:

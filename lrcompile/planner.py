@@ -39,7 +39,7 @@ from .factorize.allocate import Allocation, LayerOptions, allocate, allocate_thr
 from .forms import CONV_FORMS, DEFAULT, FORMS, LAYER_OPS
 from .ir import Candidate, node_label
 from .parallel import InProcess, Task
-from .weights import folder, reading
+from .weights import folder, reading, release, resolve
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,13 @@ def form_knobs(form, config: CompileConfig) -> dict:
 
 
 def fit_full_unit(form: str, cand: Candidate, method: str, stats: list, options: dict):
-    """The full decomposition of ``cand``'s weight in ``form``: a task of ``lrcompile.parallel``."""
-    return FORMS[form].fit_full(cand, method, stats, options)
+    """The full decomposition of ``cand``'s weight in ``form``: a task of ``lrcompile.parallel``
+    (a weight that came as a file reference is mapped here and released after)."""
+    cand = replace(cand, matrices=[resolve(m) for m in cand.matrices])
+    try:
+        return FORMS[form].fit_full(cand, method, stats, options)
+    finally:
+        release(*cand.matrices)
 
 
 def trial_unit(ev, model: bytes, base) -> object:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -153,7 +154,8 @@ def test_local_ray_cluster_starts_two_nodes_and_stops_cleanly():
         host, _, port = address.rpartition(":")
         assert host and port.isdigit()
         code = "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); print(len(ray.nodes()))"
-        got = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120)
+        got = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, **scale.LOOPBACK})  # the driver joins on loopback too
         assert got.stdout.strip() == "2"
         assert scale.tree_rss_mb([pid]) > 50  # GCS + two raylets
     finally:
