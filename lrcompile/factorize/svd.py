@@ -39,7 +39,8 @@ them for an ``energy``/``max_error`` policy keeps its promise for the randomized
 
 Precision. The exact solver always runs in float64 (it is the reference). The randomized solver
 runs its GEMMs in float32 for float16/float32 inputs (its error is dominated by the projection,
-not by float32 rounding; float64 Grams in the final step) and in float64 otherwise. Both return
+not by float32 rounding; float64 Grams in the final step; a matrix whose numerical rank fits in
+the sketch ends in a float64 QR and SVD, so that its factors are exact) and in float64 otherwise. Both return
 float64 arrays. Signs are fixed (the largest-magnitude entry of each column of ``U`` is
 positive), so results are byte-identical run to run.
 """
@@ -234,10 +235,12 @@ def _randomized(m: np.ndarray, rank: int, p: int, q: int, seed: int):
         x, s = rr[0][:, :rank], rr[1][:rank]
         u = basis @ x.astype(dtype)
         vt = (z @ x.astype(dtype)).T / s[:, None].astype(dtype)
-    else:  # (numerically) rank-deficient within the sketch: orthonormal basis + direct SVD
+    else:  # (numerically) rank-deficient within the sketch: orthonormal basis + direct SVD,
+        # in float64: the sketch holds the whole range here, so the factors can be exact (a
+        # float32 Q^T B would put its rounding into every row of the leading vectors)
         info["final"] = "qr+gesdd"
-        qmat = sla.qr(basis, mode="economic", check_finite=False)[0]
-        w, s, vt = _small_svd(qmat.T @ a)
+        qmat = sla.qr(basis.astype(np.float64), mode="economic", check_finite=False)[0]
+        w, s, vt = _small_svd(_project_rows(qmat, a))
         u, s, vt = qmat @ w[:, :rank], s[:rank], vt[:rank]
     s = np.ldexp(np.asarray(s, np.float64), -exp)
     return u.astype(np.float64), s, vt.astype(np.float64), info
@@ -319,6 +322,15 @@ def _row_blocks(rows: int, cols: int):
     step = max(1, _ROW_BLOCK_ELEMS // max(cols, 1))
     for i in range(0, rows, step):
         yield slice(i, min(i + step, rows))
+
+
+def _project_rows(q: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``q^T x`` in float64 for a float64 ``q [K, l]``, over row blocks of ``x [K, N]`` (no full
+    float64 copy of ``x``)."""
+    out = np.zeros((q.shape[1], x.shape[1]), np.float64)
+    for rows in _row_blocks(*x.shape):
+        out += q[rows].T @ np.asarray(x[rows], np.float64)
+    return out
 
 
 def _sq_norm(x: np.ndarray) -> float:

@@ -142,6 +142,21 @@ def test_rel_error_is_the_direct_error(solver, dtype):
     assert f.rel_error <= 1.01 * exact_error(b, 17)
 
 
+def test_randomized_factors_of_a_constant_weight_are_constant():
+    """A weight filled with one value (ONNX's backend test models: ConstantOfShape) has rank 1 and
+    is exact in the sketch: its factors are exact too, every column of the product bit-equal, so a
+    Softmax over logits of 1e12 stays uniform (float32 noise in the factors made one class 0)."""
+    b = np.full((1024, 1000), 0.01, np.float32)
+    f = factorize_svd(b, RankPolicy(energy=1.0, multiple=8), solver="randomized")
+    assert f.rank == 8 and f.info["final"] == "qr+gesdd"
+    assert len(np.unique(f.a[:, 0])) == 1 and len(np.unique(f.c[0])) == 1
+    x = np.random.default_rng(0).standard_normal((2, 1024)).astype(np.float32) * 1e9
+    y = (x @ f.a) @ f.c
+    assert (y == y[:, :1]).all()
+    assert rel(y, x.astype(np.float64) @ b.astype(np.float64)) < 1e-6
+
+
+
 # ----------------------------------------------------------------------------- rank policies
 
 
