@@ -49,7 +49,7 @@ from onnx import numpy_helper
 from tqdm.auto import tqdm
 
 from .errors import LrcError
-from .io import load_npz
+from .io import in_memory, load_npz
 from .weights import import_graph, to_array
 
 if TYPE_CHECKING:
@@ -484,8 +484,6 @@ def frozen_module(convert, model: onnx.ModelProto):
     to what the caller marks). A model onnx2torch refuses is converted again :func:`normalised`
     (same tensor names, same inputs and outputs); :class:`Unconvertible` when that fails too.
     A lazily loaded model's external data is read in first: torch holds every weight anyway."""
-    from .weights import in_memory
-
     model = in_memory(model)
     try:
         gm = convert(model, attach_onnx_mapping=True)

@@ -49,6 +49,23 @@ def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     return _get_all_tensors(model)
 
 
+def in_memory(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> onnx.ModelProto:
+    """``model`` itself when it holds every tensor, else a copy with its external data read in
+    (from ``base_dir``, default ``lrcompile.weights.folder()``): for the tools that need every
+    weight in memory anyway (onnx2torch, for Fisher, curvature and distillation)."""
+    if not any(uses_external_data(t) for t in all_tensors(model)):
+        return model
+    from .weights import folder
+
+    base = base_dir if base_dir is not None else folder()
+    if base is None:
+        raise AssertionError("a model with external-data references read in without their folder")
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    onnx.load_external_data_for_model(m, str(base))
+    return m
+
+
 def check_external_data(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
     """Check that every external-data reference stays inside ``base_dir`` and exists.
 

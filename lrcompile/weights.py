@@ -199,20 +199,6 @@ def release_graph(graph: gs.Graph) -> int:
     return n
 
 
-def in_memory(model: onnx.ModelProto, base: str | os.PathLike | None = None) -> onnx.ModelProto:
-    """``model`` itself when it holds every tensor, else a copy with its external data read in
-    (from ``base``, default :func:`folder`): for the tools that need every weight in memory anyway
-    (onnx2torch, for Fisher, curvature and distill)."""
-    from .io import all_tensors
-
-    if not any(uses_external_data(t) for t in all_tensors(model)):
-        return model
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    onnx.load_external_data_for_model(m, str(_base(base)))
-    return m
-
-
 @dataclass(frozen=True)
 class FileRef:
     """Where a mapped array's bytes are: enough to map it again in another process."""
@@ -245,5 +231,5 @@ def resolve(ref):
     return np.ndarray(ref.shape, dtype=np.dtype(ref.dtype), buffer=m, offset=at + ref.first, strides=ref.strides)
 
 
-__all__ = ["FileRef", "MappedValues", "folder", "import_graph", "in_memory", "portable", "reading", "release", "release_constants",
+__all__ = ["FileRef", "MappedValues", "folder", "import_graph", "portable", "reading", "release", "release_constants",
            "release_graph", "resolve", "to_array"]
