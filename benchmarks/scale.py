@@ -50,7 +50,6 @@ Exit status: 0 when every configuration compiled and all outputs are byte-identi
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -198,14 +197,6 @@ def parse_time_v(text: str) -> dict:
         if m:
             out[key] = round(conv(m.group(1)), 1)
     return out
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def phase_seconds(timings: dict | None) -> dict:
@@ -407,7 +398,9 @@ def run_one(lrcompile: list[str], model: Path, cfg: str, extra: list[str], folde
                                                                       "params_ratio", "output_bytes")}
         entry["layer_costs"] = layer_costs(rep.get("layers") or [])
         entry["verification"] = (rep.get("verification") or {}).get("verdict")
-    entry["files"] = {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*"))
+    from lrcompile.report import sha256
+
+    entry["files"] = {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(folder.rglob("*"))
                       if p.is_file()}
     if not keep:
         shutil.rmtree(folder, ignore_errors=True)
