@@ -106,8 +106,8 @@ def _sha(p: Path) -> str:
 
 
 def test_without_plugins_the_output_is_byte_identical_to_the_recorded_baseline(tmp_path):
-    """The byte-identity baseline (benchmarks/results/byte_identity/baseline-fast.json), recorded
-    before --plugins existed: tiny-mlp's 'svd ratio=0.5' compiles to the same bytes."""
+    """The byte-identity baseline (benchmarks/results/byte_identity/baseline-fast.json, recorded
+    without --plugins under one BLAS kernel): tiny-mlp's 'svd ratio=0.5' compiles to the same bytes."""
     base = json.loads((ROOT / "benchmarks/results/byte_identity/baseline-fast.json").read_text())
     entry = base["entries"]["tiny-mlp/svd ratio=0.5"]
     sys.path.insert(0, str(ROOT / "benchmarks"))
