@@ -40,9 +40,9 @@ them for an ``energy``/``max_error`` policy keeps its promise for the randomized
 Precision. The exact solver always runs in float64 (it is the reference). The randomized solver
 runs its GEMMs in float32 for float16/float32 inputs (its error is dominated by the projection,
 not by float32 rounding; float64 Grams in the final step; a matrix whose numerical rank fits in
-the sketch ends in a float64 QR and SVD, so that its factors are exact) and in float64 otherwise. Both return
-float64 arrays. Signs are fixed (the largest-magnitude entry of each column of ``U`` is
-positive), so results are byte-identical run to run.
+the sketch ends in a float64 QR and SVD, so that its factors are exact) and in float64 otherwise.
+Both return float64 arrays. Signs are fixed (the largest-magnitude entry of each column of ``U``
+is positive), so results are byte-identical run to run.
 """
 from __future__ import annotations
 
