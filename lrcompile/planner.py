@@ -32,14 +32,14 @@ import onnx
 from tqdm.auto import tqdm
 
 from .config import CompileConfig
-from .engine import Evidence, Plan, build, detached, sharers
+from .engine import Evidence, Plan, attached, build, detached, sharers
 from .errors import LrcError
 from .factorize import LayerStats
 from .factorize.allocate import Allocation, LayerOptions, allocate, allocate_threshold, min_cost
 from .forms import CONV_FORMS, DEFAULT, FORMS, LAYER_OPS
 from .ir import Candidate, node_label
 from .parallel import InProcess, Task
-from .weights import folder, reading, release, resolve
+from .weights import folder, reading
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +130,8 @@ def form_knobs(form, config: CompileConfig) -> dict:
 def fit_full_unit(form: str, cand: Candidate, method: str, stats: list, options: dict):
     """The full decomposition of ``cand``'s weight in ``form``: a task of ``lrcompile.parallel``
     (a weight that came as a file reference is mapped here and released after)."""
-    cand = replace(cand, matrices=[resolve(m) for m in cand.matrices])
-    try:
+    with attached(cand) as cand:
         return FORMS[form].fit_full(cand, method, stats, options)
-    finally:
-        release(*cand.matrices)
 
 
 def trial_unit(ev, model: bytes, base) -> object:

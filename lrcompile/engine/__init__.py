@@ -17,10 +17,10 @@ from __future__ import annotations
 from .analysis import Analysis, analyze, decline_records, selected, sharers, stages
 from .evidence import (Evidence, calibration, collect_curvature, collect_fisher, collect_stats, curvature_tensor,
                        mask_input, stat_request)
-from .plan import Plan, detached, factorize_layer, plan
+from .plan import Plan, attached, detached, factorize_layer, plan
 from .rewrite import Applied, RewriteError, apply, build, check_model, context, export
 
-__all__ = ["Analysis", "Applied", "Evidence", "Plan", "RewriteError", "analyze", "apply", "build", "calibration",
+__all__ = ["Analysis", "Applied", "Evidence", "Plan", "RewriteError", "analyze", "apply", "attached", "build", "calibration",
            "check_model", "collect_curvature", "collect_fisher", "collect_stats", "context", "curvature_tensor",
            "decline_records", "detached", "export", "factorize_layer", "mask_input", "plan", "selected", "sharers", "stages",
            "stat_request"]

@@ -11,7 +11,9 @@ its fields.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Iterator
 
 from tqdm.auto import tqdm
 
@@ -47,16 +49,14 @@ def fit_unit(cand: Candidate, config: CompileConfig, policy: RankPolicy, method:
     """One weight's fit, a task of ``lrcompile.parallel``: ``(form name, value)``, the value a
     :class:`Refused` when the form cannot host the size; ``auto``: the best form
     (:func:`best_form`). Weights that came as file references are mapped here and released after."""
-    cand = replace(cand, matrices=[resolve(m) for m in cand.matrices])
-    try:
-        if auto:
-            f, value = best_form(cand, config, policy, method, stats)
-            return f.name, value
-        return form, factorize_layer(cand, config, policy, method, stats, form)
-    except ValueError as e:
-        return form, Refused(str(e))
-    finally:
-        release(*cand.matrices)
+    with attached(cand) as cand:
+        try:
+            if auto:
+                f, value = best_form(cand, config, policy, method, stats)
+                return f.name, value
+            return form, factorize_layer(cand, config, policy, method, stats, form)
+        except ValueError as e:
+            return form, Refused(str(e))
 
 
 def detached(cand: Candidate) -> Candidate:
@@ -68,6 +68,17 @@ def detached(cand: Candidate) -> Candidate:
     node = gs.Node(op=cand.node.op, name=cand.label, domain=cand.node.domain,
                    attrs={k: v for k, v in cand.node.attrs.items() if not isinstance(v, gs.Tensor)})
     return replace(cand, node=node, matrices=[portable(m) for m in cand.matrices])
+
+
+@contextmanager
+def attached(cand: Candidate) -> Iterator[Candidate]:
+    """The other end of :func:`detached`, in the task: ``cand`` with the weights that came as
+    file references mapped (``weights.resolve``), their pages released when the block ends."""
+    cand = replace(cand, matrices=[resolve(m) for m in cand.matrices])
+    try:
+        yield cand
+    finally:
+        release(*cand.matrices)
 
 
 #: ``--form auto``: each weight takes the form with the least error at its size.
@@ -361,4 +372,4 @@ def plan(cands: list[Candidate], config: CompileConfig, evidence: Evidence | Non
     return Plan().decide(cands, config, evidence, **kw)
 
 
-__all__ = ["AUTO", "Plan", "Refused", "best_form", "detached", "factorize_layer", "fit_unit", "plan"]
+__all__ = ["AUTO", "Plan", "Refused", "attached", "best_form", "detached", "factorize_layer", "fit_unit", "plan"]
