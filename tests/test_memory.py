@@ -2,6 +2,10 @@
 weights lazily: a model far larger than the bound compiles within it (slow)."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -65,14 +69,12 @@ BOUND_TENSORS = 4
 def big_compile(tmp_path_factory):
     """The 1.5 GiB model compiled at its exact rank, in a fresh process (what earlier tests left in
     this one would count in every phase): ``(report's memory phases, bound in MB)``."""
-    import json
-    import subprocess
-
     tmp = tmp_path_factory.mktemp("big")
     src = _big_model(tmp, LAYERS, N)
     report = tmp / "report.json"
-    subprocess.run(["lrcompile", str(src), "-o", str(tmp / "out" / "big.lr.onnx"), "--rank", str(RANK), "--solver",
-                    "randomized", "--external-data", "--report", str(report), "-q"], check=True)
+    subprocess.run([sys.executable, "-m", "lrcompile.cli", str(src), "-o", str(tmp / "out" / "big.lr.onnx"),
+                    "--rank", str(RANK), "--solver", "randomized", "--external-data", "--report", str(report), "-q"],
+                   check=True)
     rep = json.loads(report.read_text())
     assert rep["status"] == "PASSED" and all(r["decision"] == "factorized" for r in rep["layers"])
     phases = rep["memory"]["phases"]

@@ -156,7 +156,6 @@ def test_randomized_factors_of_a_constant_weight_are_constant():
     assert rel(y, x.astype(np.float64) @ b.astype(np.float64)) < 1e-6
 
 
-
 # ----------------------------------------------------------------------------- rank policies
 
 
